@@ -1,0 +1,17 @@
+"""Errors the user can act on.
+
+Anything raised as a ``KontextError`` reaches the user as one line on stderr and a non-zero
+exit code; its message must say what was wrong and, where it helps, what was expected and where.
+"""
+
+
+class KontextError(Exception):
+    """A problem with the user's input, files or machine, reported as one line."""
+
+
+class WeightFileError(KontextError):
+    """A weight file is missing, truncated, corrupt, or holds tensors of unexpected shape."""
+
+
+class ImageError(KontextError):
+    """An input image is missing or cannot be decoded."""
