@@ -1,0 +1,397 @@
+"""The FLUX.1 transformer (rectified-flow DiT) as a plain ``nn.Module`` with the BFL tensor names.
+
+The module holds no weights of its own making that matter: it is built (usually on the meta device)
+from a ``FluxConfig`` and filled from a checkpoint. Every linear layer is a plain ``nn.Linear`` that is
+only ever called, never looked into, so it can be replaced by a compressed linear. ``forward`` runs the
+blocks of ``double_blocks`` and ``single_blocks`` by calling each block module in order, which lets a
+streaming engine attach forward hooks at block boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import KontextError, WeightFileError
+
+_NORM_EPS = 1e-6
+_TIME_EMBED_DIM = 256
+_TIME_FACTOR = 1000.0
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """Sizes of a FLUX.1 transformer; the defaults are those of FLUX.1 Kontext [dev]."""
+
+    in_channels: int = 64
+    hidden_size: int = 3072
+    num_heads: int = 24
+    mlp_ratio: float = 4.0
+    depth: int = 19
+    depth_single_blocks: int = 38
+    context_in_dim: int = 4096
+    vec_in_dim: int = 768
+    axes_dim: tuple[int, ...] = (16, 56, 56)
+    theta: int = 10000
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise KontextError(
+                f"flux config: hidden size {self.hidden_size} is not divisible by {self.num_heads} heads"
+            )
+        if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
+            raise KontextError(
+                f"flux config: RoPE axes {tuple(self.axes_dim)} must be even and add up to "
+                f"the head dim {self.head_dim}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: Mapping[str, object]) -> FluxConfig:
+        """The config of a diffusers ``transformer/config.json`` (a ``FluxTransformer2DModel``)."""
+        try:
+            patch_size = int(cfg.get("patch_size", 1))
+            in_channels = int(cfg["in_channels"])
+            out_channels = cfg.get("out_channels")
+            if patch_size != 1 or out_channels not in (None, in_channels):
+                raise KontextError(
+                    f"transformer config: patch_size {patch_size} / out_channels {out_channels} "
+                    f"not supported (expected 1 / {in_channels})"
+                )
+            head_dim = int(cfg["attention_head_dim"])
+            heads = int(cfg["num_attention_heads"])
+            return cls(
+                in_channels=in_channels,
+                hidden_size=head_dim * heads,
+                num_heads=heads,
+                depth=int(cfg["num_layers"]),
+                depth_single_blocks=int(cfg["num_single_layers"]),
+                context_in_dim=int(cfg["joint_attention_dim"]),
+                vec_in_dim=int(cfg["pooled_projection_dim"]),
+                axes_dim=tuple(int(d) for d in cfg["axes_dims_rope"]),
+                guidance_embed=bool(cfg["guidance_embeds"]),
+            )
+        except KeyError as err:
+            raise KontextError(f"transformer config: missing entry {err.args[0]!r}") from None
+        except (TypeError, ValueError) as err:
+            raise KontextError(f"transformer config: malformed entry ({err})") from None
+
+    @classmethod
+    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig:
+        """The config implied by the shapes of a checkpoint under BFL names.
+
+        Files do not store the RoPE axes; they are taken as (d/8, 7d/16, 7d/16) of the head dim d,
+        the split FLUX.1 uses ((16, 56, 56) for d = 128).
+        """
+
+        def shape(name: str) -> tuple[int, ...]:
+            if name not in shapes:
+                raise WeightFileError(f"flux transformer weights: missing tensor {name}")
+            return tuple(shapes[name])
+
+        hidden, in_channels = shape("img_in.weight")
+        head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+        if hidden % head_dim:
+            raise WeightFileError(
+                f"flux transformer weights: hidden size {hidden} not a multiple of head dim {head_dim}"
+            )
+        return cls(
+            in_channels=in_channels,
+            hidden_size=hidden,
+            num_heads=hidden // head_dim,
+            mlp_ratio=shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
+            depth=_count_blocks(shapes, "double_blocks"),
+            depth_single_blocks=_count_blocks(shapes, "single_blocks"),
+            context_in_dim=shape("txt_in.weight")[1],
+            vec_in_dim=shape("vector_in.in_layer.weight")[1],
+            axes_dim=(head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
+            qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
+            guidance_embed="guidance_in.in_layer.weight" in shapes,
+        )
+
+    def to_diffusers_config(self) -> dict[str, object]:
+        """What a diffusers ``transformer/config.json`` holds for this config."""
+        if self.mlp_ratio != 4.0 or self.theta != 10000 or not self.qkv_bias:
+            raise KontextError(
+                "flux config: diffusers' FluxTransformer2DModel fixes mlp_ratio 4, theta 10000 and qkv bias"
+            )
+        return {
+            "_class_name": "FluxTransformer2DModel",
+            "patch_size": 1,
+            "in_channels": self.in_channels,
+            "out_channels": None,
+            "num_layers": self.depth,
+            "num_single_layers": self.depth_single_blocks,
+            "attention_head_dim": self.head_dim,
+            "num_attention_heads": self.num_heads,
+            "joint_attention_dim": self.context_in_dim,
+            "pooled_projection_dim": self.vec_in_dim,
+            "guidance_embeds": self.guidance_embed,
+            "axes_dims_rope": list(self.axes_dim),
+        }
+
+
+def _count_blocks(shapes: Mapping[str, object], prefix: str) -> int:
+    indices = {int(name.split(".")[1]) for name in shapes if name.startswith(prefix + ".")}
+    count = len(indices)
+    if indices != set(range(count)):
+        missing = min(set(range(max(indices) + 1)) - indices)
+        raise WeightFileError(f"flux transformer weights: no tensors for {prefix}.{missing}")
+    return count
+
+
+def timestep_embedding(x: Tensor, dim: int = _TIME_EMBED_DIM, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of ``1000 * x`` in float32, cosines first: ``[B] -> [B, dim]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) / half * torch.arange(half, dtype=torch.float32, device=x.device))
+    angles = (_TIME_FACTOR * x.float())[:, None] * freqs
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def rope(ids: Tensor, axes_dim: Sequence[int], theta: int) -> Tensor:
+    """Rotary tables of position ids ``[B, L, n_axes]``: float32 ``[B, 1, L, head_dim/2, 2]``, (cos, sin)."""
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        # float64 keeps the angles exact for positions in the hundreds; only cos/sin go to float32
+        freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)
+        angles.append(ids[..., axis].double()[..., None] * freqs)
+    angle = torch.cat(angles, dim=-1)
+    return torch.stack([angle.cos(), angle.sin()], dim=-1).float().unsqueeze(1)
+
+
+def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
+    """Rotate adjacent pairs (2j, 2j+1) of ``x [B, H, L, D]`` by the angles of ``pe``, in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = pe[..., 0], pe[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
+    """Unmasked attention with RoPE on q and k: ``[B, H, L, D]`` each -> ``[B, L, H*D]``."""
+    out = F.scaled_dot_product_attention(apply_rope(q, pe), apply_rope(k, pe), v)
+    return out.transpose(1, 2).flatten(2)
+
+
+def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``[B, L, 3*H*D]`` laid out (3, H, D) -> q, k, v each ``[B, H, L, D]``."""
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=_NORM_EPS) + shift
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last axis, computed in float32, with a learned ``scale``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + _NORM_EPS)
+        return (normed * self.scale.float()).to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    """Separate RMS norms for queries and keys."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q), self.key_norm(k)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear, SiLU, Linear."""
+
+    def __init__(self, in_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class Modulation(nn.Module):
+    """``lin(SiLU(vec))`` cut into ``count`` chunks of ``[B, 1, hidden]``."""
+
+    def __init__(self, hidden: int, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.lin = nn.Linear(hidden, count * hidden)
+
+    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+        return self.lin(F.silu(vec))[:, None, :].chunk(self.count, dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """The projections of one stream of a double block (the attention itself is joint)."""
+
+    def __init__(self, config: FluxConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.norm = QKNorm(config.head_dim)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normed q, k and v of ``x``, each ``[B, H, L, D]``."""
+        q, k, v = _split_heads(self.qkv(x), self.num_heads)
+        q, k = self.norm(q, k)
+        return q, k, v
+
+
+def _mlp(config: FluxConfig) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(config.hidden_size, config.mlp_hidden_dim),
+        nn.GELU(approximate="tanh"),
+        nn.Linear(config.mlp_hidden_dim, config.hidden_size),
+    )
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text streams with separate weights and one joint attention."""
+
+    def __init__(self, config: FluxConfig) -> None:
+        super().__init__()
+        self.img_mod = Modulation(config.hidden_size, 6)
+        self.img_attn = SelfAttention(config)
+        self.img_mlp = _mlp(config)
+        self.txt_mod = Modulation(config.hidden_size, 6)
+        self.txt_attn = SelfAttention(config)
+        self.txt_mlp = _mlp(config)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        img_mod = self.img_mod(vec)
+        txt_mod = self.txt_mod(vec)
+        img_qkv = self.img_attn.project(_modulate(img, img_mod[0], img_mod[1]))
+        txt_qkv = self.txt_attn.project(_modulate(txt, txt_mod[0], txt_mod[1]))
+        q, k, v = (torch.cat([t, i], dim=2) for t, i in zip(txt_qkv, img_qkv, strict=True))
+        joint = attention(q, k, v, pe)
+        txt_len = txt.shape[1]
+        img = _stream_update(img, joint[:, txt_len:], img_mod, self.img_attn, self.img_mlp)
+        txt = _stream_update(txt, joint[:, :txt_len], txt_mod, self.txt_attn, self.txt_mlp)
+        return img, txt
+
+
+def _stream_update(
+    x: Tensor, attn_out: Tensor, mod: Sequence[Tensor], attn: SelfAttention, mlp: nn.Module
+) -> Tensor:
+    """The residual updates of one stream after the joint attention."""
+    _, _, gate1, shift2, scale2, gate2 = mod
+    x = x + gate1 * attn.proj(attn_out)
+    return x + gate2 * mlp(_modulate(x, shift2, scale2))
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention and MLP on the joint [text, image] sequence."""
+
+    def __init__(self, config: FluxConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.split = (3 * config.hidden_size, config.mlp_hidden_dim)
+        self.linear1 = nn.Linear(config.hidden_size, sum(self.split))
+        self.linear2 = nn.Linear(config.hidden_size + config.mlp_hidden_dim, config.hidden_size)
+        self.norm = QKNorm(config.head_dim)
+        self.modulation = Modulation(config.hidden_size, 3)
+
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        shift, scale, gate = self.modulation(vec)
+        qkv, mlp = self.linear1(_modulate(x, shift, scale)).split(self.split, dim=-1)
+        q, k, v = _split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k)
+        out = torch.cat([attention(q, k, v, pe), F.gelu(mlp, approximate="tanh")], dim=-1)
+        return x + gate * self.linear2(out)
+
+
+class LastLayer(nn.Module):
+    """Modulated LayerNorm and the projection back to latent channels."""
+
+    def __init__(self, config: FluxConfig) -> None:
+        super().__init__()
+        self.linear = nn.Linear(config.hidden_size, config.in_channels)
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(config.hidden_size, 2 * config.hidden_size)
+        )
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear(_modulate(x, shift, scale))
+
+
+class FluxTransformer(nn.Module):
+    """The FLUX.1 transformer; ``state_dict()`` keys are the BFL checkpoint names."""
+
+    def __init__(self, config: FluxConfig) -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.img_in = nn.Linear(config.in_channels, hidden)
+        self.time_in = MLPEmbedder(_TIME_EMBED_DIM, hidden)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, hidden)
+        if config.guidance_embed:
+            self.guidance_in = MLPEmbedder(_TIME_EMBED_DIM, hidden)
+        self.txt_in = nn.Linear(config.context_in_dim, hidden)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(config) for _ in range(config.depth_single_blocks)
+        )
+        self.final_layer = LastLayer(config)
+
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+    ) -> Tensor:
+        """Velocity ``[B, L, in_channels]`` for image tokens ``img [B, L, in_channels]``.
+
+        ``img_ids [B, L, 3]``, ``txt [B, T, context_in_dim]``, ``txt_ids [B, T, 3]``, ``timesteps [B]``
+        in [0, 1], ``y [B, vec_in_dim]`` pooled text, ``guidance [B]``. Computes in ``img.dtype``.
+        """
+        dtype = img.dtype
+        img = self.img_in(img)
+        vec = self.time_in(timestep_embedding(timesteps).to(dtype))
+        if self.config.guidance_embed:
+            if guidance is None:
+                raise KontextError(
+                    "flux transformer: this model is guidance-distilled and needs a guidance value"
+                )
+            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
+        vec = vec + self.vector_in(y.to(dtype))
+        txt = self.txt_in(txt.to(dtype))
+        pe = rope(torch.cat([txt_ids, img_ids], dim=1), self.config.axes_dim, self.config.theta)
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, pe)
+        x = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            x = block(x, vec, pe)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
