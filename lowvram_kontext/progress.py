@@ -1,0 +1,44 @@
+"""What the user sees while work runs: one line per stage, one per sampling step."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def _vram_note(device: torch.device) -> str:
+    if device.type != "cuda":
+        return ""
+    return f", VRAM {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB"
+
+
+class Progress:
+    """Prints progress to stderr unless ``quiet``; stdout stays free for results."""
+
+    def __init__(self, quiet: bool = False, device: torch.device | str = "cpu"):
+        self.quiet = quiet
+        self.device = torch.device(device)
+        self._step_started = 0.0
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage and report it when it ends."""
+        start = time.perf_counter()
+        yield
+        self.say(f"{name}: {time.perf_counter() - start:.2f} s{_vram_note(self.device)}")
+
+    def start_steps(self) -> None:
+        self._step_started = time.perf_counter()
+
+    def step(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        seconds, self._step_started = now - self._step_started, now
+        self.say(f"  step {done}/{total}: {seconds:.2f} s/step{_vram_note(self.device)}")

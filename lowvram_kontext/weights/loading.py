@@ -1,0 +1,178 @@
+"""From weight files on disk to a built model, one tensor at a time.
+
+Each component (transformer, T5, CLIP, VAE) can come as a diffusers component folder (its
+``config.json`` decides the size) or as a single file in BFL / ComfyUI / transformers naming (the
+size is inferred from the tensor shapes). Whatever the layout, the tensors are renamed onto the
+canonical naming first; the model is built on the meta device, every shape is checked against the
+file before anything is read, and then tensors are read and placed one by one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import WeightFileError
+from ..models.autoencoder import AutoEncoder, AutoEncoderConfig
+from ..models.clip import CLIPTextConfig, CLIPTextModel
+from ..models.flux import FluxConfig, FluxTransformer
+from ..models.t5 import T5Config, T5Encoder
+from .flux_layout import flux_from_diffusers
+from .safetensors_file import SafetensorsFile, open_sharded
+from .source import TensorSource
+from .text_layout import clip_canonical, t5_canonical
+from .vae_layout import vae_from_diffusers
+
+
+@dataclass(frozen=True)
+class Component:
+    """How one model component is recognised, sized and built."""
+
+    name: str  # as the command line says it: "transformer", "t5", "clip", "vae"
+    label: str  # for messages
+    folder: str  # its sub-folder in a diffusers model folder
+    model: Callable[[Any], nn.Module]
+    config_from_json: Callable[[dict], Any]
+    config_from_shapes: Callable[[dict[str, tuple[int, ...]]], Any]
+    from_folder_layout: Callable[[TensorSource, Any], TensorSource]
+    from_file_layout: Callable[[TensorSource], TensorSource]
+    canonical_marker: str  # a name fragment only the canonical layout has
+    prefixes: tuple[str, ...] = ()  # put before the names by ComfyUI / LDM single-file exports
+
+
+def _flux_file_layout(source: TensorSource) -> TensorSource:
+    if any(name.startswith("transformer_blocks.") for name in source):
+        raise WeightFileError(
+            "this transformer file uses diffusers names: pass its folder (with config.json) instead"
+        )
+    return source
+
+
+def _vae_file_layout(source: TensorSource) -> TensorSource:
+    if any(name.startswith("encoder.down_blocks.") for name in source):
+        raise WeightFileError(
+            "this VAE file uses diffusers names: pass its folder (with config.json) instead"
+        )
+    return source
+
+
+COMPONENTS: dict[str, Component] = {
+    "transformer": Component(
+        "transformer", "FLUX transformer", "transformer", FluxTransformer,
+        FluxConfig.from_diffusers_config, FluxConfig.from_shapes, flux_from_diffusers, _flux_file_layout,
+        "double_blocks.", ("model.diffusion_model.",),
+    ),
+    "t5": Component(
+        "t5", "T5 text encoder", "text_encoder_2", T5Encoder,
+        T5Config.from_transformers_config, T5Config.from_shapes, lambda s, _: t5_canonical(s), t5_canonical,
+        "encoder.block.",
+    ),
+    "clip": Component(
+        "clip", "CLIP text encoder", "text_encoder", CLIPTextModel,
+        CLIPTextConfig.from_transformers_config, CLIPTextConfig.from_shapes, lambda s, _: clip_canonical(s),
+        clip_canonical, "layers.",
+    ),
+    "vae": Component(
+        "vae", "VAE", "vae", AutoEncoder,
+        AutoEncoderConfig.from_diffusers_config, AutoEncoderConfig.from_shapes, vae_from_diffusers,
+        _vae_file_layout, "encoder.conv_in.", ("first_stage_model.", "vae."),
+    ),
+}  # fmt: skip
+
+
+def _strip_prefix(source: TensorSource, prefixes: tuple[str, ...]) -> TensorSource:
+    for prefix in prefixes:
+        if any(name.startswith(prefix) for name in source):
+            return {name.removeprefix(prefix): ref for name, ref in source.items() if name.startswith(prefix)}
+    return source
+
+
+def read_folder_source(folder: Path) -> TensorSource:
+    """All tensors of a diffusers / transformers component folder (single or sharded safetensors)."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        return open_sharded(indexes[0])
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightFileError(f"{folder}: no *.safetensors weights in this folder")
+    source: TensorSource = {}
+    for file in files:
+        source.update(SafetensorsFile(file).source())
+    return source
+
+
+def open_component(component: Component, path: Path) -> tuple[Any, TensorSource]:
+    """The config and canonical tensors of a component stored at ``path`` (folder or file)."""
+    path = Path(path)
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise WeightFileError(f"{path}: no config.json in this {component.label} folder")
+        try:
+            config = component.config_from_json(json.loads(config_path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightFileError(f"{config_path}: not valid JSON") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightFileError(f"{config_path}: not a {component.label} config ({exc})") from None
+        return config, component.from_folder_layout(read_folder_source(path), config)
+    if not path.exists():
+        raise WeightFileError(f"{path}: no such {component.label} file or folder")
+    source = component.from_file_layout(_strip_prefix(SafetensorsFile(path).source(), component.prefixes))
+    if not any(component.canonical_marker in name for name in source):
+        example = next(iter(source), "nothing")
+        raise WeightFileError(f"{path}: does not look like a {component.label} (first tensor: {example})")
+    try:
+        config = component.config_from_shapes({name: ref.shape for name, ref in source.items()})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise WeightFileError(f"{path}: cannot size a {component.label} from its tensors ({exc})") from None
+    return config, source
+
+
+def check_shapes(model: nn.Module, source: TensorSource, label: str) -> None:
+    """Every tensor the model needs is in ``source`` with its exact shape, and nothing else is."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, shape in expected.items():
+        if name not in source:
+            raise WeightFileError(f"{label}: tensor {name} (shape {list(shape)}) is missing from the weights")
+        ref = source[name]
+        if ref.shape != shape:
+            found, wanted = list(ref.shape), list(shape)
+            raise WeightFileError(f"{ref.origin}: shape {found}, expected {wanted} for this {label}")
+    extra = sorted(set(source) - set(expected))
+    if extra:
+        raise WeightFileError(
+            f"{label}: {len(extra)} unexpected tensors in the weights, e.g. {source[extra[0]].origin}"
+        )
+
+
+def materialize(
+    model: nn.Module, source: TensorSource, dtype: torch.dtype, device: torch.device | str
+) -> nn.Module:
+    """Replace the (meta) parameters of ``model`` by tensors read from ``source`` one at a time."""
+    for name in model.state_dict():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        tensor = source[name].load().to(device=device, dtype=dtype)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
+    return model.eval()
+
+
+def load_component(
+    name: str, path: Path, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Build and load the component ``name`` ("transformer", "t5", "clip", "vae") from ``path``."""
+    component = COMPONENTS[name]
+    config, source = open_component(component, path)
+    with torch.device("meta"):
+        model = component.model(config)
+    check_shapes(model, source, component.label)
+    return materialize(model, source, dtype, device)

@@ -1,0 +1,19 @@
+"""Shared fixtures: one tiny random-weight model written in every layout, once per test session."""
+
+from pathlib import Path
+
+import pytest
+
+from lowvram_kontext.tiny import TinyWeights, write_tiny_checkpoints
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TinyWeights]:
+    root = tmp_path_factory.mktemp("tiny")
+    weights = write_tiny_checkpoints(root, seed=0)
+    return root, weights
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tiny_files: tuple[Path, TinyWeights]) -> Path:
+    return tiny_files[0]
