@@ -1,40 +1,18 @@
-"""Command line: argument parsing and error reporting only; the work lives in the other modules."""
+"""Command line: builds the parser from the subcommands and turns every failure into one line."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 
-import torch
-
-from . import __version__, demo, images
+from . import __version__
+from .commands import edit
 from .errors import KontextError
-from .pipeline import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    KontextPipeline,
-    ModelPaths,
-    default_dtype,
-    resolve_device,
-)
-from .progress import Progress
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model files (a diffusers folder, or one file per component)")
-    group.add_argument("--model", type=Path, help="diffusers folder as in the Kontext model repository")
-    group.add_argument("--transformer", type=Path, help="transformer file (BFL or ComfyUI) or folder")
-    group.add_argument("--t5", type=Path, help="T5-XXL encoder file or folder")
-    group.add_argument("--clip", type=Path, help="CLIP-L text encoder file or folder")
-    group.add_argument("--vae", type=Path, help="autoencoder file (ae.safetensors) or folder")
-    group.add_argument("--tokenizers", type=Path, help="folder with tokenizer/ (CLIP) and tokenizer_2/ (T5)")
+SUBCOMMANDS = (edit,)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,94 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lowvram_kontext {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    edit = commands.add_parser("edit", help="edit an image following a text instruction")
-    edit.add_argument("--image", type=Path, help="input image (any format Pillow reads)")
-    edit.add_argument("--prompt", help="the edit instruction, e.g. 'Add a hat to the cat'")
-    edit.add_argument(
-        "--out", type=Path, help="output PNG (default: INPUT-edited.png here, never overwriting)"
-    )
-    _add_model_options(edit)
-    edit.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    edit.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument(
-        "--width", type=int, help="output width (default: Kontext's preferred size for the input)"
-    )
-    edit.add_argument("--height", type=int, help="output height")
-    edit.add_argument(
-        "--dtype", default="auto", help="bfloat16 or float32 (default: bfloat16 on GPU, float32 on CPU)"
-    )
-    edit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    edit.add_argument("--demo", action="store_true", help="run on a tiny built-in model with RANDOM weights")
-    edit.add_argument("--quiet", action="store_true", help="print only the output path")
-    edit.set_defaults(run=run_edit)
+    for command in SUBCOMMANDS:
+        command.register(commands)
     return parser
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return default_dtype(device)
-    if name not in DTYPES:
-        raise KontextError(f"unknown --dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _output_path(args: argparse.Namespace) -> Path:
-    if args.out is not None:
-        out = args.out
-        if out.suffix.lower() != ".png":
-            raise KontextError(f"--out {out}: the output is a PNG, name it .png")
-    else:
-        stem = args.image.stem if args.image is not None else "demo"
-        out = images.unused_path(Path(f"{stem}-edited.png"))
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise KontextError(f"--out {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise KontextError(f"--out {out}: folder {parent} is not writable")
-    return out
-
-
-def run_edit(args: argparse.Namespace) -> int:
-    if args.steps < 1:
-        raise KontextError(f"--steps must be at least 1 (got {args.steps})")
-    if not args.prompt and not args.demo:
-        raise KontextError("--prompt is required: the edit instruction")
-    device = resolve_device(args.device)
-    dtype = _dtype(args.dtype, device)
-    progress = Progress(quiet=args.quiet, device=device)
-
-    if args.demo:
-        progress.say(demo.NOTICE)
-        args.model = args.model or demo.demo_model()
-        args.prompt = args.prompt or demo.DEMO_PROMPT
-        if args.width is None and args.height is None:
-            args.width = args.height = demo.DEMO_SIZE
-    elif args.image is None:
-        raise KontextError("--image is required (or --demo to try the built-in example)")
-    image = images.load_image(args.image) if args.image is not None else demo.demo_image()
-    out = _output_path(args)
-    paths = ModelPaths.resolve(args.model, args.transformer, args.t5, args.clip, args.vae, args.tokenizers)
-
-    pipeline = KontextPipeline(paths, device=device, dtype=dtype, progress=progress)
-    result = pipeline.edit(image, args.prompt, args.steps, args.guidance, args.seed, args.width, args.height)
-    files = {name: str(getattr(paths, name)) for name in ("transformer", "t5", "clip", "vae")}
-    metadata = {
-        "prompt": args.prompt,
-        "seed": str(args.seed),
-        "steps": str(args.steps),
-        "guidance": str(args.guidance),
-        "width": str(result.width),
-        "height": str(result.height),
-        "input": str(args.image) if args.image is not None else "built-in demo image",
-        "model": json.dumps(files),
-        "dtype": str(dtype).removeprefix("torch."),
-        "software": f"lowvram_kontext {__version__}",
-    }
-    images.save_png(result, out, metadata)
-    print(out)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,8 +40,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("LOWVRAM_KONTEXT_DEBUG"):
             traceback.print_exc()
         else:
-            print(
-                f"error: unexpected {type(exc).__name__}: {exc} (set LOWVRAM_KONTEXT_DEBUG=1 for details)",
-                file=sys.stderr,
-            )
+            message = f"unexpected {type(exc).__name__}: {exc}".splitlines()[0]
+            print(f"error: {message} (set LOWVRAM_KONTEXT_DEBUG=1 for details)", file=sys.stderr)
         return 1
