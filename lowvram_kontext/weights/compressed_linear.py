@@ -1,0 +1,151 @@
+"""A linear layer whose weight stays compressed and is dequantized just before each matmul.
+
+The weight is dequantized on the device holding its bytes, into a scratch buffer of the input's
+dtype taken from a ``ScratchPool`` (one buffer per device and dtype, grown to the largest weight
+and reused by every layer), then ``F.linear`` runs; a weight stored plain in the input's dtype is
+used as it is. The buffer is overwritten by the next layer, so these layers are for inference:
+nothing may keep a reference to the dequantized weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import KontextError, WeightFileError
+from .formats import PlainCodec, QuantizedTensor, codec
+
+
+class ScratchPool:
+    """Reusable flat buffers, one per (device, dtype), handed out as views of the shape asked for."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` whose contents are undefined; valid until the next take."""
+        numel = shape.numel()
+        key = (device, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            self._buffers.pop(key, None)  # free the smaller one before allocating its successor
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+DEFAULT_POOL = ScratchPool()
+
+
+class CompressedLinear(nn.Module):
+    """``F.linear(x, weight.dequantize(x.dtype), bias)`` with the weight held compressed.
+
+    The compressed payload is held as buffers (``weight_data``, ``weight_scale``, ``weight_absmax``),
+    so everything a layer holds is a parameter or buffer: state dicts, ``.to(device)`` and the block
+    streaming engine see all of its bytes. The bias (optional) is a buffer kept in its own precision
+    and cast to ``x``'s dtype per call. Moving the module moves the payload too; dtype conversions
+    leave the payload alone (its scales must stay float32).
+    """
+
+    PAYLOAD_BUFFERS = {"data": "weight_data", "scale": "weight_scale", "absmax": "weight_absmax"}
+
+    def __init__(
+        self, weight: QuantizedTensor, bias: torch.Tensor | None = None, pool: ScratchPool | None = None
+    ):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise WeightFileError(f"a linear weight must have two dimensions, got shape {list(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise WeightFileError(
+                f"bias of shape {list(bias.shape)} does not fit {self.out_features} outputs"
+            )
+        self.format = weight.format
+        for field, buffer in self.PAYLOAD_BUFFERS.items():
+            self.register_buffer(buffer, getattr(weight, field))
+        self.register_buffer("bias", bias)
+        self.pool = DEFAULT_POOL if pool is None else pool
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        weight: QuantizedTensor,
+        bias: torch.Tensor | None = None,
+        pool: ScratchPool | None = None,
+        name: str = "linear",
+    ) -> CompressedLinear:
+        """A replacement for ``linear`` (which may live on the meta device): same shape, given weight."""
+        if weight.shape != linear.weight.shape:
+            raise WeightFileError(
+                f"{name}.weight has shape {list(weight.shape)}, the layer expects {list(linear.weight.shape)}"
+            )
+        return cls(weight, bias, pool)
+
+    @property
+    def weight(self) -> QuantizedTensor:
+        """The compressed weight, a view of the payload buffers as they are now."""
+        payload = {field: self._buffers[buffer] for field, buffer in self.PAYLOAD_BUFFERS.items()}
+        return QuantizedTensor(self.format, torch.Size((self.out_features, self.in_features)), **payload)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compressed = self.weight
+        if compressed.data.dtype == x.dtype and isinstance(codec(self.format), PlainCodec):
+            weight = compressed.data  # already the values in the compute dtype: no copy
+        else:
+            scratch = self.pool.take(compressed.shape, x.dtype, compressed.device)
+            weight = compressed.dequantize(x.dtype, out=scratch)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CompressedLinear:
+        # Probe with an integer tensor: it follows device moves but never dtype casts.
+        target = fn(torch.empty(0, dtype=torch.uint8, device=self.weight_data.device)).device
+        payload = {name: self._buffers.pop(name) for name in self.PAYLOAD_BUFFERS.values()}
+        super()._apply(fn, recurse)
+        for name, tensor in payload.items():
+            self._buffers[name] = None if tensor is None else tensor.to(target)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"format={self.format}, bias={self.bias is not None}"
+        )
+
+
+def replace_linears(
+    module: nn.Module,
+    weights: Mapping[str, QuantizedTensor],
+    biases: Mapping[str, torch.Tensor] | None = None,
+    pool: ScratchPool | None = None,
+) -> int:
+    """Swap every ``nn.Linear`` below ``module`` whose ``NAME.weight`` is in ``weights``; the count swapped.
+
+    A swapped layer's bias comes from ``biases[NAME.bias]`` when given, else from the layer itself
+    (which then must hold real values, not meta tensors). Names are relative to ``module``.
+    """
+    swaps = []
+    for parent_name, parent in module.named_modules():
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, nn.Linear) and f"{name}.weight" in weights:
+                swaps.append((parent, child_name, name, child))
+    for parent, child_name, name, linear in swaps:
+        bias = None
+        if linear.bias is not None:
+            bias = (biases or {}).get(f"{name}.bias", linear.bias.detach())
+            if bias.is_meta:
+                raise KontextError(f"{name}.bias is missing: the layer was built on the meta device")
+        new = CompressedLinear.from_linear(linear, weights[f"{name}.weight"], bias, pool, name)
+        setattr(parent, child_name, new)
+    return len(swaps)

@@ -1,0 +1,90 @@
+"""NF4 (4-bit NormalFloat) in the bitsandbytes layout, blocks of 64 values.
+
+Payload: ``data`` uint8 of shape ``(*shape[:-1], shape[-1] // 2)``, two codes per byte in row-major
+element order with the first of each pair in the high nibble; ``absmax`` float32 ``[numel // 64]``,
+one per block of 64 consecutive elements. Value: ``LEVELS[q] * absmax``.
+
+Encoding scales a block by ``1 / absmax``, clamps to [-1, 1] and takes the nearest level (a value
+exactly between two levels takes the lower one), all in float32: the bytes and absmax equal
+bitsandbytes' ``quantize_4bit(quant_type="nf4", blocksize=64)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Codec, QuantizedTensor, code_table, expect_dtype, expect_shape, fill_by_chunks, register
+
+BLOCK = 64
+
+# The 16 quantiles of the standard normal distribution that define NF4 (QLoRA), scaled to [-1, 1].
+LEVELS = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+
+class NF4Codec(Codec):
+    name = "nf4"
+    payload = ("data", "absmax")
+
+    def shape_problem(self, shape: torch.Size) -> str | None:
+        if len(shape) == 0 or shape[-1] % 2 or shape.numel() % BLOCK:
+            return f"the last dimension must be even and the element count a multiple of {BLOCK}"
+        return None
+
+    def check(self, qt: QuantizedTensor) -> str | None:
+        return (
+            self.shape_problem(qt.shape)
+            or expect_dtype(qt.data, "data", torch.uint8)
+            or expect_shape(qt.data, "data", (*qt.shape[:-1], qt.shape[-1] // 2))
+            or expect_dtype(qt.absmax, "absmax", torch.float32)
+            or expect_shape(qt.absmax, "absmax", (qt.shape.numel() // BLOCK,))
+        )
+
+    def dequantize_into(self, qt: QuantizedTensor, out: torch.Tensor) -> None:
+        packed = qt.data.reshape(-1, BLOCK // 2)
+        table = code_table(LEVELS, qt.device)
+
+        def block_values(start: int, stop: int) -> torch.Tensor:
+            pairs = packed[start:stop]
+            codes = torch.stack([pairs >> 4, pairs & 0x0F], dim=-1).reshape(-1, BLOCK)
+            return table[codes.long()] * qt.absmax[start:stop, None]
+
+        fill_by_chunks(out.view(-1, BLOCK), block_values)
+
+    def quantize(self, tensor: torch.Tensor) -> QuantizedTensor:
+        shape = tensor.shape
+        values = tensor.detach().reshape(-1, BLOCK)
+        table = code_table(LEVELS, tensor.device)
+        midpoints = (table[:-1] + table[1:]) / 2
+        absmax = torch.empty(values.shape[0], dtype=torch.float32, device=tensor.device)
+        data = torch.empty((values.shape[0], BLOCK // 2), dtype=torch.uint8, device=tensor.device)
+
+        def encode(start: int, stop: int) -> torch.Tensor:
+            block = values[start:stop].float()
+            peak = block.abs().amax(1)
+            absmax[start:stop] = peak
+            scaled = (block * (1.0 / peak.clamp(min=1e-38))[:, None]).clamp(-1, 1)
+            codes = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
+            return (codes[:, 0::2] << 4) | codes[:, 1::2]
+
+        fill_by_chunks(data, encode)
+        return QuantizedTensor(self.name, shape, data.view(*shape[:-1], shape[-1] // 2), absmax=absmax)
+
+
+register(NF4Codec())
