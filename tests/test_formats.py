@@ -197,8 +197,8 @@ def test_unknown_format_names_the_known_ones():
 
 
 def test_unsupported_quantization_and_shapes():
-    with pytest.raises(KontextError, match="quantizing to Q4_K is not supported"):
-        quantize(torch.zeros(4, 256), "Q4_K")
+    with pytest.raises(KontextError, match="quantizing to IQ4_XS is not supported"):
+        quantize(torch.zeros(4, 256), "IQ4_XS")
     with pytest.raises(
         KontextError, match=r"shape \[4, 30\] as Q8_0: the last dimension must be a multiple of 32"
     ):

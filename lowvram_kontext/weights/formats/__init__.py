@@ -7,7 +7,8 @@ its bytes. Everything is whole-tensor PyTorch, so the same code runs on CPU and 
 Formats: bf16, fp16, f32 (plain); fp8_e4m3, fp8_e5m2 (optional per-tensor scale); int8 (per-row
 scale); nf4 (bitsandbytes layout); the GGUF types F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS. Writable by ``quantize``: the plain ones, fp8, int8,
-nf4, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0. See ``base`` for how a tensor is stored as named plain tensors.
+nf4, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K. See ``base`` for how a tensor is
+stored as named plain tensors.
 """
 
 from . import fp8, gguf_iq, gguf_kquants, gguf_legacy, int8, nf4, plain  # noqa: F401  (register formats)
