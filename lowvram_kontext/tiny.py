@@ -37,10 +37,19 @@ from .weights.flux_layout import flux_to_diffusers
 from .weights.safetensors_file import save_safetensors
 from .weights.vae_layout import vae_to_diffusers
 
+# Hidden width 256 and the real head size (128): every block matrix then has rows that whole GGUF
+# super-blocks (256 values) tile, so the tiny transformer can be stored in every format.
 TINY_FLUX = FluxConfig(
-    in_channels=64, hidden_size=64, num_heads=2, mlp_ratio=4.0, depth=2, depth_single_blocks=3,
-    context_in_dim=32, vec_in_dim=64, axes_dim=(4, 14, 14),
-)  # fmt: skip
+    in_channels=64,
+    hidden_size=256,
+    num_heads=2,
+    mlp_ratio=4.0,
+    depth=2,
+    depth_single_blocks=3,
+    context_in_dim=32,
+    vec_in_dim=64,
+    axes_dim=(16, 56, 56),
+)
 TINY_VAE = AutoEncoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=16)
 TINY_T5_WIDTH = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 TINY_CLIP_WIDTH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1)

@@ -5,12 +5,17 @@ Each component (transformer, T5, CLIP, VAE) can come as a diffusers component fo
 size is inferred from the tensor shapes). Whatever the layout, the tensors are renamed onto the
 canonical naming first; the model is built on the meta device, every shape is checked against the
 file before anything is read, and then tensors are read and placed one by one.
+
+The linear layers inside the transformer's and T5's blocks can be held compressed (see
+``load_component``'s ``storage``): their weights are then read (or quantized) one at a time into
+``QuantizedTensor``s and the layers become ``CompressedLinear``s. Everything else (embedders, norms,
+biases, the final layer) stays in the compute dtype.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +28,12 @@ from ..models.autoencoder import AutoEncoder, AutoEncoderConfig
 from ..models.clip import CLIPTextConfig, CLIPTextModel
 from ..models.flux import FluxConfig, FluxTransformer
 from ..models.t5 import T5Config, T5Encoder
+from .compressed_linear import replace_linears
+from .files import FP8_DTYPES, open_weight_file, t5_names_from_gguf
 from .flux_layout import flux_from_diffusers
+from .formats import QuantizedTensor, codec, quantize
 from .safetensors_file import SafetensorsFile, open_sharded
-from .source import TensorSource
+from .source import TensorRef, TensorSource
 from .text_layout import clip_canonical, t5_canonical
 from .vae_layout import vae_from_diffusers
 
@@ -44,6 +52,7 @@ class Component:
     from_file_layout: Callable[[TensorSource], TensorSource]
     canonical_marker: str  # a name fragment only the canonical layout has
     prefixes: tuple[str, ...] = ()  # put before the names by ComfyUI / LDM single-file exports
+    block_prefixes: tuple[str, ...] = ()  # where the repeated blocks are: their linears may be compressed
 
 
 def _flux_file_layout(source: TensorSource) -> TensorSource:
@@ -66,12 +75,12 @@ COMPONENTS: dict[str, Component] = {
     "transformer": Component(
         "transformer", "FLUX transformer", "transformer", FluxTransformer,
         FluxConfig.from_diffusers_config, FluxConfig.from_shapes, flux_from_diffusers, _flux_file_layout,
-        "double_blocks.", ("model.diffusion_model.",),
+        "double_blocks.", ("model.diffusion_model.",), ("double_blocks.", "single_blocks."),
     ),
     "t5": Component(
         "t5", "T5 text encoder", "text_encoder_2", T5Encoder,
-        T5Config.from_transformers_config, T5Config.from_shapes, lambda s, _: t5_canonical(s), t5_canonical,
-        "encoder.block.",
+        T5Config.from_transformers_config, T5Config.from_shapes, lambda s, _: t5_canonical(s),
+        lambda s: t5_canonical(t5_names_from_gguf(s)), "encoder.block.", (), ("encoder.block.",),
     ),
     "clip": Component(
         "clip", "CLIP text encoder", "text_encoder", CLIPTextModel,
@@ -123,7 +132,7 @@ def open_component(component: Component, path: Path) -> tuple[Any, TensorSource]
         return config, component.from_folder_layout(read_folder_source(path), config)
     if not path.exists():
         raise WeightFileError(f"{path}: no such {component.label} file or folder")
-    source = component.from_file_layout(_strip_prefix(SafetensorsFile(path).source(), component.prefixes))
+    source = component.from_file_layout(_strip_prefix(open_weight_file(path), component.prefixes))
     if not any(component.canonical_marker in name for name in source):
         example = next(iter(source), "nothing")
         raise WeightFileError(f"{path}: does not look like a {component.label} (first tensor: {example})")
@@ -152,10 +161,16 @@ def check_shapes(model: nn.Module, source: TensorSource, label: str) -> None:
 
 
 def materialize(
-    model: nn.Module, source: TensorSource, dtype: torch.dtype, device: torch.device | str
+    model: nn.Module,
+    source: TensorSource,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    skip: Container[str] = (),
 ) -> nn.Module:
     """Replace the (meta) parameters of ``model`` by tensors read from ``source`` one at a time."""
     for name in model.state_dict():
+        if name in skip:
+            continue
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         tensor = source[name].load().to(device=device, dtype=dtype)
@@ -166,13 +181,62 @@ def materialize(
     return model.eval()
 
 
+def compressible_weights(model: nn.Module, block_prefixes: tuple[str, ...]) -> list[str]:
+    """Names of the weights of the linear layers inside the blocks: the bulk of the parameters."""
+    return [
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(block_prefixes)
+    ]
+
+
+def compress(ref: TensorRef, storage: str) -> QuantizedTensor | None:
+    """The tensor of ``ref`` held in ``storage``, or None where it stays a plain tensor.
+
+    ``storage`` "file" keeps what the file holds: its compressed tensors stay compressed (fp8 tensors
+    included), plain ones stay plain. A format name stores every tensor in that format (quantizing
+    from the file's values unless the file already holds that format); a tensor whose shape the
+    format cannot hold (rows not a multiple of its block) stays plain.
+    """
+    if storage == "file":
+        if ref.compressed is not None:
+            return ref.compressed()
+        if ref.dtype in FP8_DTYPES:
+            return QuantizedTensor(FP8_DTYPES[ref.dtype], torch.Size(ref.shape), data=ref.load())
+        return None
+    if ref.compressed is not None and ref.format == storage:
+        return ref.compressed()
+    if codec(storage).shape_problem(torch.Size(ref.shape)):
+        return None
+    return quantize(ref.load().float(), storage)
+
+
 def load_component(
-    name: str, path: Path, dtype: torch.dtype, device: torch.device | str = "cpu"
+    name: str,
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    storage: str | None = "file",
 ) -> nn.Module:
-    """Build and load the component ``name`` ("transformer", "t5", "clip", "vae") from ``path``."""
+    """Build and load the component ``name`` ("transformer", "t5", "clip", "vae") from ``path``.
+
+    ``storage`` says how the linear layers inside the blocks hold their weights: None expands
+    everything to ``dtype``; "file" keeps the file's compressed tensors compressed; a format name
+    ("nf4", "int8", "Q4_0", ...) quantizes them into it while loading, one tensor at a time.
+    """
     component = COMPONENTS[name]
+    if storage not in (None, "file"):
+        codec(storage)  # an unknown format fails before anything is read
     config, source = open_component(component, path)
     with torch.device("meta"):
         model = component.model(config)
     check_shapes(model, source, component.label)
-    return materialize(model, source, dtype, device)
+    compressed: dict[str, QuantizedTensor] = {}
+    if storage is not None:
+        for weight in compressible_weights(model, component.block_prefixes):
+            held = compress(source[weight], storage)
+            if held is not None:
+                compressed[weight] = held.to(device)
+    materialize(model, source, dtype, device, skip=compressed)
+    replace_linears(model, compressed)
+    return model

@@ -9,22 +9,57 @@ tensor at a time. Layout converters (diffusers -> BFL, say) build new refs out o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import WeightFileError
+from .formats import QuantizedTensor
 
 
 @dataclass(frozen=True)
 class TensorRef:
-    """One tensor as its file describes it; ``load()`` reads it from disk."""
+    """One tensor as its file describes it; ``load()`` reads it from disk.
+
+    A tensor the file holds compressed (GGUF blocks, NF4, ...) also has ``compressed``, which reads
+    it as a ``QuantizedTensor`` without expanding it; ``load()`` then returns its float32 values.
+    """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     read: Callable[[], torch.Tensor]
     origin: str  # "path:key", for error messages
+    compressed: Callable[[], QuantizedTensor] | None = None
+    format: str | None = None  # the storage format of a compressed tensor
+    stored_bytes: int | None = None  # bytes in the file, where not numel x itemsize
+
+    @classmethod
+    def of_compressed(
+        cls, shape: tuple[int, ...], format: str, read: Callable[[], QuantizedTensor], origin: str, stored_bytes: int
+    ) -> TensorRef:
+        return cls(
+            shape=tuple(shape),
+            dtype=torch.float32,
+            read=lambda: read().dequantize(torch.float32),
+            origin=origin,
+            compressed=read,
+            format=format,
+            stored_bytes=stored_bytes,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """What the tensor takes in its file (and in memory, held as the file holds it)."""
+        if self.stored_bytes is not None:
+            return self.stored_bytes
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def storage(self) -> str:
+        """The storage format as a name: the compressed format, else the dtype (e.g. "bfloat16")."""
+        return self.format if self.format is not None else str(self.dtype).removeprefix("torch.")
 
     def load(self) -> torch.Tensor:
         tensor = self.read()

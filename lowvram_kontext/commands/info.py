@@ -1,0 +1,110 @@
+"""`info`: what a weight file or folder holds and what it needs on the GPU."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import KontextError, WeightFileError
+from ..weights.files import FP8_DTYPES, QUANTIZED_KEY, gguf_source, is_gguf
+from ..weights.loading import COMPONENTS, compressible_weights, open_component
+from ..weights.safetensors_file import SafetensorsFile
+from ..weights.source import TensorRef
+
+MAX_METADATA_CHARS = 120
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("info", help="describe a weight file or folder")
+    parser.add_argument("path", type=Path, help="a weight file (safetensors, GGUF) or a component / model folder")
+    parser.set_defaults(run=run)
+
+
+def _container(path: Path) -> tuple[str, dict]:
+    """The file kind and its metadata."""
+    if path.is_dir():
+        return "diffusers / transformers component folder", {}
+    if path.suffix.lower() == ".gguf" or is_gguf(path):
+        metadata = gguf_source(path)[1]
+        return f"GGUF (architecture {metadata.get('general.architecture', '?')})", metadata
+    file = SafetensorsFile(path)
+    if QUANTIZED_KEY in file.metadata:
+        kind = f"safetensors, compressed to {file.metadata.get('lowvram_kontext.format', '?')} by lowvram_kontext"
+    elif "scaled_fp8" in file:
+        kind = "safetensors, ComfyUI scaled fp8"
+    else:
+        kind = "safetensors"
+    return kind, file.metadata
+
+
+def _identify(path: Path):  # noqa: ANN202
+    """The first component whose layout ``path`` holds, with its config and canonical tensors."""
+    problems = []
+    for component in COMPONENTS.values():
+        try:
+            config, source = open_component(component, path)
+            return component, config, source
+        except KontextError as exc:
+            problems.append(f"{component.name}: {exc}")
+    raise WeightFileError(f"{path}: not a Kontext component ({problems[0]})")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _resident_bytes(ref: TensorRef, is_block_weight: bool) -> int:
+    """GPU bytes as loaded by default: compressed (and fp8) block weights keep their size, the rest is bf16."""
+    if is_block_weight and (ref.compressed is not None or ref.dtype in FP8_DTYPES):
+        return ref.nbytes
+    return 2 * math.prod(ref.shape)
+
+
+def describe(path: Path) -> str:
+    if not path.exists():
+        raise WeightFileError(f"{path}: no such file or folder")
+    if path.is_dir() and (path / "model_index.json").is_file():
+        parts = [describe(path / c.folder) for c in COMPONENTS.values() if (path / c.folder).is_dir()]
+        return f"{path}: diffusers model folder\n\n" + "\n\n".join(parts)
+    kind, metadata = _container(path)
+    component, config, source = _identify(path)
+    with torch.device("meta"):
+        model = component.model(config)
+    params = sum(p.numel() for p in model.parameters())
+    block_weights = set(compressible_weights(model, component.block_prefixes))
+    counts: Counter = Counter()
+    sizes: Counter = Counter()
+    resident = 0
+    for name, ref in source.items():
+        counts[ref.storage] += 1
+        sizes[ref.storage] += ref.nbytes
+        resident += _resident_bytes(ref, name in block_weights)
+    size = ", ".join(f"{f.name} {getattr(config, f.name)}" for f in dataclasses.fields(config))
+    lines = [
+        f"{path}",
+        f"  file:        {kind}",
+        f"  component:   {component.label}, {params / 1e9:.3f} B parameters",
+        f"  size:        {size}",
+        f"  tensors:     {len(source)}",
+    ]
+    for fmt, n in counts.most_common():
+        lines.append(f"    {fmt:<14} {n:>5} tensors  {_size(sizes[fmt]):>12}")
+    lines.append(f"  on disk:     {_size(sum(sizes.values()))} of tensors")
+    lines.append(f"  resident:    {_size(resident)} of GPU memory to hold it all (bf16 compute)")
+    for key, value in metadata.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if len(text) > MAX_METADATA_CHARS:
+            text = text[:MAX_METADATA_CHARS] + f"... ({len(text)} chars)"
+        lines.append(f"  metadata:    {key} = {text}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(describe(args.path))
+    return 0
