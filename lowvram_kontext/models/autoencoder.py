@@ -191,8 +191,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        # (b, c, h, w) -> (b, 1 head, h*w tokens, c)
-        q, k, v = (proj(y).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))
+        # (b, c, h, w) -> (b, 1 head, h*w tokens, c); contiguous, so the fused attention kernels (which
+        # never build the tokens x tokens score matrix) accept it instead of falling back to the slow path.
+        q, k, v = (proj(y).flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for proj in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)
