@@ -1,0 +1,22 @@
+"""Block streaming: keep a resident prefix of a model's blocks on the device, copy the rest in on demand.
+
+``stream_model(model, device, resident, prefetch)`` is the usual entry; ``StreamingEngine`` works on
+any list of blocks run in a fixed order. See ``engine`` for the schedule and ``host`` for the tiers.
+"""
+
+from .engine import CopyTime, Step, StreamingEngine
+from .host import HOST_TIERS, plan_tiers
+from .streaming import model_blocks, stream_model
+from .tensors import HeldTensor, block_tensors
+
+__all__ = [
+    "HOST_TIERS",
+    "CopyTime",
+    "HeldTensor",
+    "Step",
+    "StreamingEngine",
+    "block_tensors",
+    "model_blocks",
+    "plan_tiers",
+    "stream_model",
+]

@@ -1,0 +1,94 @@
+"""Host memory for streamed blocks: pinned RAM, pageable RAM, or a memory-mapped file on disk.
+
+Pinned buffers are anonymous memory maps registered with CUDA (``cudaHostRegister``): exactly the
+bytes asked for, page aligned, where PyTorch's pinned allocator would round each one up to a power
+of two. Unregistering leaves them valid as pageable memory, so tensors viewing them outlive it.
+Memory-mapped buffers are shared maps of files in a cache folder, unlinked once mapped (where the
+system allows) so nothing stays on disk after the process ends; the kernel pages them in on use
+and may drop them again under memory pressure.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+import weakref
+from collections.abc import Sequence
+from contextlib import suppress
+from pathlib import Path
+
+import torch
+
+from ..errors import KontextError
+
+HOST_TIERS = ("pinned", "pageable", "mmap")
+
+
+def plan_tiers(
+    block_bytes: Sequence[int], host: str, pinned_cap_bytes: int | None, can_pin: bool
+) -> list[str]:
+    """The host tier (one of ``HOST_TIERS``) of each block, in order.
+
+    With ``host`` "pinned", blocks are pinned in order while the total stays within
+    ``pinned_cap_bytes`` (no cap when None); the others, and all of them when pinning is not
+    possible (no CUDA device), are pageable. Otherwise every block gets ``host``.
+    """
+    if host != "pinned":
+        return [host] * len(block_bytes)
+    tiers, pinned = [], 0
+    for nbytes in block_bytes:
+        fits = can_pin and (pinned_cap_bytes is None or pinned + nbytes <= pinned_cap_bytes)
+        tiers.append("pinned" if fits else "pageable")
+        pinned += nbytes if fits else 0
+    return tiers
+
+
+def _unregister(buffers: list[torch.Tensor]) -> None:
+    for buffer in buffers:
+        torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+    buffers.clear()
+
+
+class HostMemory:
+    """Allocates flat ``uint8`` host buffers in a tier; ``release`` unpins what it pinned."""
+
+    def __init__(self, cache_dir: Path | None) -> None:
+        self.cache_dir = cache_dir
+        self.pinned_bytes = 0
+        self._pinned: list[torch.Tensor] = []
+        self.release = weakref.finalize(self, _unregister, self._pinned)
+        self.release.atexit = False  # the process's end releases pinned memory anyway
+
+    def allocate(self, tier: str, nbytes: int) -> torch.Tensor:
+        if tier == "pageable":
+            return torch.empty(nbytes, dtype=torch.uint8)
+        if tier == "pinned":
+            return self._pinned_buffer(nbytes)
+        return self._mapped_buffer(nbytes)
+
+    def _pinned_buffer(self, nbytes: int) -> torch.Tensor:
+        buffer = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+        error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0))
+        if error:
+            raise KontextError(
+                f"pinning {nbytes} bytes of host memory failed (CUDA error {error}); "
+                f"{self.pinned_bytes} bytes are pinned already: lower the pinned memory cap"
+            )
+        self._pinned.append(buffer)
+        self.pinned_bytes += nbytes
+        return buffer
+
+    def _mapped_buffer(self, nbytes: int) -> torch.Tensor:
+        if self.cache_dir is None:
+            raise KontextError("the mmap host tier needs a cache folder for its block files")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix="kontext-block-", suffix=".bin", dir=self.cache_dir)
+        try:
+            os.ftruncate(handle, nbytes)
+        finally:
+            os.close(handle)
+        buffer = torch.from_file(name, shared=True, size=nbytes, dtype=torch.uint8)
+        with suppress(OSError):  # Windows keeps a mapped file; elsewhere it is gone from the folder now
+            os.unlink(name)
+        return buffer
