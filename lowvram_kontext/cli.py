@@ -9,10 +9,10 @@ import traceback
 from collections.abc import Sequence
 
 from . import __version__
-from .commands import edit, info, quantize
+from .commands import edit, info, plan, quantize
 from .errors import KontextError
 
-SUBCOMMANDS = (edit, quantize, info)
+SUBCOMMANDS = (edit, plan, quantize, info)
 
 
 def build_parser() -> argparse.ArgumentParser:

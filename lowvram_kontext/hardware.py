@@ -1,0 +1,317 @@
+"""What the machine has: the GPU and its free memory, host RAM, disk, and the host-to-device link speed.
+
+``detect()`` reads it once; the planner only ever sees the resulting ``Machine``. NVML (the
+``pynvml`` module of the ``nvidia-ml-py`` package) is optional: it is imported lazily and, when
+missing, the CUDA context size falls back to a documented default and the process's device total
+is unknown. ``Machine.with_budget`` makes a big card look like a small one (``--vram-budget``), and
+``cap_allocator`` makes PyTorch's allocator enforce that budget so a plan that overflows fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
+
+import psutil
+import torch
+
+from .demo import cache_dir
+from .errors import KontextError
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+# The CUDA context (driver state, kernels of torch and its libraries) lives outside the caching
+# allocator. About 300-600 MiB on recent drivers and torch builds with lazy module loading; this is
+# used when NVML cannot measure it.
+DEFAULT_CUDA_CONTEXT_BYTES = 500 * MIB
+
+# The link speed is measured with one pinned copy of this size, repeated, timed with CUDA events.
+LINK_PROBE_BYTES = 256 * MIB
+LINK_PROBE_REPEATS = 4
+LINK_CACHE_NAME = "link_speed.json"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Facts about the machine a plan is made for. Sizes are in bytes.
+
+    ``vram_free`` is what this process may use on the GPU in all, its own CUDA context included
+    (the driver's free memory plus what the process already holds). ``h2d_gbps`` is the pinned
+    host-to-device copy rate in GB/s (None when not measured). ``disk_free`` is None when unknown.
+    """
+
+    gpu_name: str | None
+    vram_total: int
+    vram_free: int
+    compute_capability: tuple[int, int] | None
+    supports_bf16: bool
+    supports_fp8: bool
+    cuda_context_bytes: int
+    cuda_context_measured: bool
+    ram_total: int
+    ram_available: int
+    disk_free: int | None
+    h2d_gbps: float | None
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu_name is not None
+
+    @classmethod
+    def cpu_only(cls, ram_total: int, ram_available: int, disk_free: int | None = None) -> Machine:
+        """A machine without a CUDA GPU."""
+        return cls(
+            gpu_name=None,
+            vram_total=0,
+            vram_free=0,
+            compute_capability=None,
+            supports_bf16=False,
+            supports_fp8=False,
+            cuda_context_bytes=0,
+            cuda_context_measured=False,
+            ram_total=ram_total,
+            ram_available=ram_available,
+            disk_free=disk_free,
+            h2d_gbps=None,
+        )
+
+    def with_budget(self, vram_bytes: int) -> Machine:
+        """The machine as an otherwise idle card of ``vram_bytes`` would look.
+
+        On a real GPU the budget cannot exceed what is free there. Without a GPU the card is
+        hypothetical: it gets the default CUDA context size and bf16/fp8 support is assumed.
+        """
+        if vram_bytes <= 0:
+            raise KontextError(f"the VRAM budget must be positive (got {vram_bytes} bytes)")
+        if self.has_gpu:
+            return replace(self, vram_total=vram_bytes, vram_free=min(vram_bytes, self.vram_free))
+        return replace(
+            self,
+            vram_total=vram_bytes,
+            vram_free=vram_bytes,
+            supports_bf16=True,
+            supports_fp8=True,
+            cuda_context_bytes=DEFAULT_CUDA_CONTEXT_BYTES,
+        )
+
+    def with_ram(self, ram_bytes: int) -> Machine:
+        """The machine as a host with ``ram_bytes`` of RAM would look (available capped to it)."""
+        if ram_bytes <= 0:
+            raise KontextError(f"the RAM size must be positive (got {ram_bytes} bytes)")
+        return replace(self, ram_total=ram_bytes, ram_available=min(ram_bytes, self.ram_available))
+
+    def describe(self) -> str:
+        """One line: the GPU (or its absence), VRAM, RAM and link."""
+        ram = f"RAM {self.ram_total / GIB:.1f} GiB ({self.ram_available / GIB:.1f} available)"
+        if self.vram_total == 0:
+            return f"no CUDA GPU, {ram}"
+        gpu = self.gpu_name or "no CUDA GPU: a hypothetical card"
+        link = f"{self.h2d_gbps:.1f} GB/s pinned" if self.h2d_gbps else "link not measured"
+        return (
+            f"{gpu}, VRAM {self.vram_free / GIB:.1f} of {self.vram_total / GIB:.1f} GiB usable, "
+            f"{ram}, {link}"
+        )
+
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*", re.IGNORECASE)
+_UNITS = {
+    "": GIB,
+    "b": 1,
+    **{p: 1 << (10 * i) for i, p in enumerate(("k", "m", "g", "t"), start=1)},
+    **{f"{p}ib": 1 << (10 * i) for i, p in enumerate(("k", "m", "g", "t"), start=1)},
+    **{f"{p}b": 10 ** (3 * i) for i, p in enumerate(("k", "m", "g", "t"), start=1)},
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``8GiB``, ``8GB``, ``7.5G``, ``6000MiB`` or ``8`` (a plain number is GiB).
+
+    K/M/G/T and KiB/MiB/GiB/TiB are binary (powers of 1024); KB/MB/GB/TB are decimal. Case is ignored.
+    """
+    match = _SIZE.fullmatch(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise KontextError(
+            f"cannot read the size {text!r}: expected a number with an optional unit, "
+            "e.g. 8GiB, 7.5G, 6000MiB or 8 (GiB)"
+        )
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise KontextError(f"the size {text!r} must be more than zero")
+    return size
+
+
+def _nvml() -> ModuleType | None:
+    """The initialised NVML module, or None when it is not installed or finds no driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    return pynvml
+
+
+def _nvml_process_bytes(device: torch.device) -> int | None:
+    """Device memory NVML charges to this process (context included), or None when it cannot tell."""
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    try:
+        handle = nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    except nvml.NVMLError:
+        return None
+    # In a container with its own PID namespace NVML's PIDs are the host's: no match, no answer.
+    used = [p.usedGpuMemory for p in processes if p.pid == os.getpid() and p.usedGpuMemory]
+    return used[0] if used else None
+
+
+def process_vram_bytes(device: torch.device | str | int | None = None) -> int | None:
+    """This process's total device memory as NVML sees it (CUDA context included); None without NVML."""
+    if not torch.cuda.is_available():
+        return None
+    return _nvml_process_bytes(_cuda_device(device))
+
+
+def _cuda_device(device: torch.device | str | int | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda":
+        raise KontextError(f"{device} is not a CUDA device")
+    return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+
+
+def cuda_context_bytes(device: torch.device | str | int | None = None) -> tuple[int, bool]:
+    """(bytes of this process's CUDA context, whether measured) on ``device``, creating the context.
+
+    Measured as NVML's figure for the process minus what the caching allocator has reserved; the
+    documented default when NVML cannot tell.
+    """
+    device = _cuda_device(device)
+    torch.cuda.init()
+    total = _nvml_process_bytes(device)
+    if total is None:
+        return DEFAULT_CUDA_CONTEXT_BYTES, False
+    return max(0, total - torch.cuda.memory_reserved(device)), True
+
+
+def measure_h2d_gbps(device: torch.device | str | int | None = None) -> float:
+    """Pinned host-to-device copy rate in GB/s: a 256 MiB copy, warmed up, timed with CUDA events."""
+    device = _cuda_device(device)
+    with torch.cuda.device(device):
+        source = torch.empty(LINK_PROBE_BYTES, dtype=torch.uint8, pin_memory=True)
+        target = torch.empty(LINK_PROBE_BYTES, dtype=torch.uint8, device=device)
+        target.copy_(source, non_blocking=True)  # warm-up: first-touch and driver set-up
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(LINK_PROBE_REPEATS):
+            target.copy_(source, non_blocking=True)
+        stop.record()
+        stop.synchronize()
+        seconds = start.elapsed_time(stop) / 1000
+        del source, target
+        torch.cuda.empty_cache()
+    return LINK_PROBE_BYTES * LINK_PROBE_REPEATS / seconds / 1e9
+
+
+def cached_link_speed(gpu_name: str, measure: Callable[[], float], cache: Path | None = None) -> float:
+    """The link speed for ``gpu_name`` from the JSON cache, else ``measure()``d once and stored there."""
+    path = cache if cache is not None else cache_dir() / LINK_CACHE_NAME
+    try:
+        known = json.loads(path.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    value = known.get(gpu_name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    speed = float(measure())
+    known[gpu_name] = round(speed, 2)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+            json.dump(known, tmp, indent=1, sort_keys=True)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass  # an unwritable cache only means measuring again next time
+    return speed
+
+
+def _disk_free(path: Path) -> int | None:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return None
+
+
+def detect(weights_path: Path | str | None = None, measure_link: bool = True) -> Machine:
+    """Read this machine: the current CUDA GPU (if any), RAM, and free disk where ``weights_path`` is.
+
+    ``disk_free`` is for ``weights_path``, by default the cache folder (where converted weights go).
+    The link speed is measured once per GPU model and cached under the cache folder.
+    """
+    memory = psutil.virtual_memory()
+    disk = _disk_free(Path(weights_path) if weights_path is not None else cache_dir())
+    if not torch.cuda.is_available():
+        return Machine.cpu_only(memory.total, memory.available, disk)
+    device = _cuda_device(None)
+    props = torch.cuda.get_device_properties(device)
+    context, measured = cuda_context_bytes(device)
+    free, total = torch.cuda.mem_get_info(device)
+    capability = (props.major, props.minor)
+    link = cached_link_speed(props.name, lambda: measure_h2d_gbps(device)) if measure_link else None
+    return Machine(
+        gpu_name=props.name,
+        vram_total=total,
+        vram_free=min(total, free + context + torch.cuda.memory_reserved(device)),
+        compute_capability=capability,
+        supports_bf16=capability >= (8, 0),
+        supports_fp8=capability >= (8, 9),
+        cuda_context_bytes=context,
+        cuda_context_measured=measured,
+        ram_total=memory.total,
+        ram_available=memory.available,
+        disk_free=disk,
+        h2d_gbps=link,
+    )
+
+
+def cap_allocator(
+    device: torch.device | str | int | None, budget_bytes: int, context_bytes: int | None = None
+) -> int:
+    """Cap PyTorch's allocator on ``device`` so this process stays within ``budget_bytes`` in all.
+
+    The CUDA context is outside the allocator, so the cap is the budget minus the context
+    (measured when ``context_bytes`` is not given). Returns the allocator's cap in bytes; an
+    allocation beyond it raises an out-of-memory error instead of passing by luck.
+    """
+    if not torch.cuda.is_available():
+        raise KontextError("a VRAM budget can only be enforced on a CUDA GPU, and none is available")
+    device = _cuda_device(device)
+    if context_bytes is None:
+        context_bytes, _ = cuda_context_bytes(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = min(budget_bytes - context_bytes, total)
+    if cap <= 0:
+        raise KontextError(
+            f"VRAM budget {budget_bytes / GIB:.2f} GiB is not more than the CUDA context alone "
+            f"({context_bytes / GIB:.2f} GiB)"
+        )
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return cap

@@ -1,0 +1,396 @@
+"""The planner: sizes, the memory model's terms, profile choice over many machines, profiles, `plan`."""
+
+import json
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowvram_kontext import cli
+from lowvram_kontext.errors import KontextError
+from lowvram_kontext.hardware import GIB, Machine
+from lowvram_kontext.models.autoencoder import AutoEncoderConfig
+from lowvram_kontext.models.clip import CLIPTextConfig
+from lowvram_kontext.models.flux import FluxConfig
+from lowvram_kontext.models.t5 import T5Config
+from lowvram_kontext.offload.engine import STAGING_BUFFERS, STAGING_CHUNK_BYTES
+from lowvram_kontext.planner import (
+    CALIBRATION,
+    PROFILES_DIR,
+    PROFILES_ENV,
+    BudgetTooSmall,
+    ModelSizes,
+    clip_part,
+    flux_parts,
+    load_profile_file,
+    load_profiles,
+    plan,
+    storage_bytes,
+    t5_parts,
+    transformer_activation_bytes,
+    vae_part,
+    writable,
+)
+from lowvram_kontext.weights.formats import formats, quantize, random_blocks
+from lowvram_kontext.weights.gguf_file import write_gguf
+from lowvram_kontext.weights.safetensors_file import SafetensorsFile
+
+STAGES = ("clip", "t5", "vae_encode", "transformer", "vae_decode")
+REQUIRED = {"4gb", "6gb", "8gb", "12gb", "16gb", "24gb", "8gb-lowram", "6gb-lowram", "resident-bf16", "resident-nf4"}
+VRAMS = (4, 6, 8, 12, 16, 24)
+RAMS = (8, 16, 32, 64)
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    return load_profiles()
+
+
+def machine(vram_gib: float, ram_gib: float) -> Machine:
+    """A host of ``ram_gib`` (1.5 GiB of it in use) with an idle card of ``vram_gib``; link not measured."""
+    return Machine.cpu_only(int(ram_gib * GIB), int((ram_gib - 1.5) * GIB)).with_budget(int(vram_gib * GIB))
+
+
+# ---- sizes ---------------------------------------------------------------------------------------
+
+
+def test_storage_bytes_equal_what_each_format_really_stores() -> None:
+    generator = torch.Generator().manual_seed(0)
+    shape = (64, 512)
+    for fmt in formats():
+        if writable(fmt):
+            held = quantize(torch.randn(shape, generator=generator), fmt)
+        else:
+            held = random_blocks(fmt, shape, generator)
+        assert storage_bytes(fmt, shape) == held.nbytes, fmt
+    # A shape the format cannot hold stays bf16.
+    assert storage_bytes("Q4_K", (8, 96)) == 8 * 96 * 2
+    assert storage_bytes("nf4", (3, 5)) == 3 * 5 * 2
+
+
+def test_every_dequantized_format_has_calibration_constants() -> None:
+    for fmt in formats():
+        if fmt not in ("bf16", "BF16"):
+            assert fmt in CALIBRATION.dequant_gbps and fmt in CALIBRATION.dequant_temp_bytes, fmt
+
+
+def test_real_component_sizes() -> None:
+    double, single, rest = flux_parts(FluxConfig())
+    count = lambda part: sum(map(math.prod, part.matrices)) + part.other  # noqa: E731
+    assert (count(double), count(single), count(rest)) == (339_831_296, 141_591_808, 64_124_992)
+    assert 19 * double.nbytes("bf16") + 38 * single.nbytes("bf16") + rest.nbytes("bf16") == 2 * 11_901_408_320
+    first, other, t5_rest = t5_parts(T5Config())
+    assert count(first) + 23 * count(other) + count(t5_rest) == 4_762_310_656
+    assert count(clip_part(CLIPTextConfig())) == 123_060_480
+    assert count(vae_part(AutoEncoderConfig())) == 83_819_683
+
+
+def test_file_headers_give_sizes_and_formats(tiny_root: Path) -> None:
+    sizes = ModelSizes.from_files(
+        transformer=tiny_root / "diffusers" / "transformer", t5=tiny_root / "t5xxl.safetensors"
+    )
+    double, single, _ = flux_parts(sizes.flux)
+    assert sizes.flux.depth == 2 and sizes.flux.depth_single_blocks == 3
+    assert sizes.transformer_file.format == "bf16"
+    assert sizes.transformer_file.block_bytes == (double.nbytes("bf16"),) * 2 + (single.nbytes("bf16"),) * 3
+    first, other, _ = t5_parts(sizes.t5)
+    assert sizes.t5_file.block_bytes == (first.nbytes("bf16"), other.nbytes("bf16"))
+    fp8 = ModelSizes.from_files(transformer=tiny_root / "flux1-kontext-dev-fp8.safetensors")
+    assert fp8.transformer_file.format == "fp8_e4m3"
+    # The file has no per-tensor scales; the planner's fp8 counts one float32 per matrix.
+    expected = [double.nbytes("fp8_e4m3") - 4 * len(double.matrices)] * 2
+    expected += [single.nbytes("fp8_e4m3") - 4 * len(single.matrices)] * 3
+    assert list(fp8.transformer_file.block_bytes) == expected
+
+
+def test_a_gguf_file_is_planned_as_it_is_stored(profiles, tiny_root: Path, tmp_path: Path) -> None:
+    bfl = SafetensorsFile(tiny_root / "flux1-kontext-dev.safetensors")
+    tensors = {}
+    for name in bfl.keys():
+        values = bfl.read(name).float()
+        tensors[name] = quantize(values, "Q4_0" if values.ndim == 2 and "blocks." in name else "F32")
+    write_gguf(tmp_path / "flux-Q4_0.gguf", "flux", tensors)
+    sizes = ModelSizes.from_files(tmp_path / "flux-Q4_0.gguf")
+    double, single, _ = flux_parts(sizes.flux)
+    # Block matrices as stored, norms and biases (F32 in the file) held in bf16 as the loader does.
+    assert sizes.transformer_file.format == "Q4_0"
+    assert sizes.transformer_file.block_bytes == (double.nbytes("Q4_0"),) * 2 + (single.nbytes("Q4_0"),) * 3
+    as_file = plan(machine(2, 64), profiles, 256, 256, sizes, profile_name="as-file").stage("transformer")
+    assert as_file.format == "Q4_0" and as_file.terms["resident blocks"] == sum(sizes.transformer_file.block_bytes)
+
+
+# ---- the memory and time model ---------------------------------------------------------------------
+
+
+def test_transformer_activations_at_1024() -> None:
+    # The single block's concatenation is the worst moment: 2 B x 8704 tokens x (8 x 3072 + 3 x 12288),
+    # plus the float32 RoPE table, the T5 states and the float32 image tokens and velocity.
+    single = 2 * 8704 * (8 * 3072 + 3 * 12288)
+    lasting = 4 * 8704 * 128 + 2 * 512 * 4096 + 2 * 4 * 8192 * 64
+    assert transformer_activation_bytes(FluxConfig(), 8192, 512) == single + lasting == 1_082_392_576
+
+
+def test_the_peer_measurements_the_model_rests_on_are_reproduced(profiles) -> None:
+    big = machine(141, 256)
+    at_1024 = plan(big, profiles, 1024, 1024, profile_name="resident-bf16")
+    assert at_1024.fits and at_1024.text_tokens + at_1024.image_tokens == 8704
+    assert at_1024.compute_seconds == pytest.approx(0.366, abs=1e-9)
+    at_512 = plan(big, profiles, 512, 512, profile_name="resident-bf16")
+    assert at_512.text_tokens + at_512.image_tokens == 2560
+    assert at_512.compute_seconds == pytest.approx(0.092, abs=1e-9)
+    # Allocator peaks measured: transformer resident bf16 23.1 GiB, T5 bf16 9.1 GiB (no CUDA context).
+    context = big.cuda_context_bytes
+    assert (at_1024.stage("transformer").peak_bytes - context) / GIB == pytest.approx(23.1, rel=0.03)
+    assert (at_1024.stage("t5").peak_bytes - context) / GIB == pytest.approx(9.1, rel=0.03)
+    assert at_1024.transfer_seconds == 0 and at_1024.dequant_seconds == 0
+
+
+@pytest.mark.parametrize("ram", RAMS)
+def test_choices_over_cards_and_hosts(profiles, ram: int) -> None:
+    previous = math.inf
+    for vram in VRAMS:
+        host = machine(vram, ram)
+        chosen = plan(host, profiles, 1024, 1024)
+        budget = host.vram_free - chosen.profile.margin_bytes
+        assert chosen.fits and not chosen.explicit
+        assert all(stage.peak_bytes <= budget for stage in chosen.stages)
+        fitting = [c.seconds_per_step for c in chosen.candidates if c.fits]
+        assert round(chosen.seconds_per_step, 3) == round(min(fitting), 3)
+        assert chosen.seconds_per_step <= previous + 1e-12, f"{vram} GiB is slower than a smaller card"
+        previous = chosen.seconds_per_step
+        # The host: a profile meant for it, pinned memory within a safe share, room for the rest.
+        assert chosen.profile.ram_gib * CALIBRATION.ram_size_tolerance <= ram
+        assert chosen.host.pinned <= CALIBRATION.pinned_ram_share * ram * GIB
+        assert chosen.host.pinned + chosen.host.pageable <= host.ram_available - CALIBRATION.host_reserve_bytes
+
+
+@pytest.mark.parametrize(
+    "vram, ram, expected",
+    [(4, 64, "4gb"), (8, 64, "8gb"), (12, 64, "12gb"), (24, 64, "24gb"), (8, 16, "8gb-lowram"),
+     (4, 16, "8gb-lowram"), (6, 8, "6gb-lowram"), (12, 8, "resident-nf4")],
+)  # fmt: skip
+def test_expected_profiles(profiles, vram: int, ram: int, expected: str) -> None:
+    assert plan(machine(vram, ram), profiles, 1024, 1024).profile.name == expected
+
+
+def test_low_ram_hosts_get_low_ram_profiles(profiles) -> None:
+    for ram in (8, 16):
+        for vram in (4, 6, 8):
+            chosen = plan(machine(vram, ram), profiles, 1024, 1024)
+            assert chosen.profile.name in ("6gb-lowram", "8gb-lowram"), (vram, ram)
+            assert chosen.host.pinned <= 4 * GIB + STAGING_BUFFERS * STAGING_CHUNK_BYTES
+            normal = next(c for c in chosen.candidates if c.name == "8gb")
+            assert not normal.fits and "meant for hosts with 32 GiB of RAM" in normal.problems
+
+
+def test_an_impossible_budget_names_the_smallest_that_works(profiles) -> None:
+    host = machine(1, 64)
+    with pytest.raises(BudgetTooSmall) as raised:
+        plan(host, profiles, 1024, 1024)
+    smallest = raised.value.smallest_budget_bytes
+    assert f"the smallest budget that would work is {smallest / GIB:.1f} GiB" in str(raised.value)
+    assert smallest % (GIB // 10) == 0 and 2 * GIB < smallest < 4 * GIB
+    assert plan(host.with_budget(smallest), profiles, 1024, 1024).fits
+    with pytest.raises(BudgetTooSmall):
+        plan(host.with_budget(smallest - GIB // 10), profiles, 1024, 1024)
+
+
+def test_a_host_no_profile_suits(profiles) -> None:
+    with pytest.raises(KontextError, match="no profile suits this host") as raised:
+        plan(machine(24, 2), profiles, 1024, 1024)
+    assert not isinstance(raised.value, BudgetTooSmall)
+
+
+def test_no_gpu_and_no_budget(profiles) -> None:
+    with pytest.raises(KontextError, match="--vram-budget"):
+        plan(Machine.cpu_only(32 * GIB, 30 * GIB), profiles, 1024, 1024)
+
+
+def test_an_explicit_profile_wins_and_says_whether_it_fits(profiles) -> None:
+    small = plan(machine(4, 64), profiles, 1024, 1024, profile_name="resident-bf16")
+    assert small.profile.name == "resident-bf16" and small.explicit and not small.fits
+    assert any(reason.startswith("transformer needs") for reason in small.why_not())
+    assert "DOES NOT FIT" in small.explain() and json.loads(small.to_json())["fits"] is False
+    slower = plan(machine(24, 64), profiles, 1024, 1024, profile_name="8gb")
+    assert slower.profile.name == "8gb" and slower.fits
+    assert slower.seconds_per_step > plan(machine(24, 64), profiles, 1024, 1024).seconds_per_step
+    with pytest.raises(KontextError, match="unknown profile 'huge'; known profiles: 12gb"):
+        plan(machine(8, 64), profiles, 1024, 1024, profile_name="huge")
+
+
+def test_streaming_terms_on_a_tiny_model(profiles, tiny_root: Path) -> None:
+    folder = tiny_root / "diffusers"
+    sizes = ModelSizes.from_files(
+        folder / "transformer", folder / "text_encoder_2", folder / "text_encoder", folder / "vae"
+    )
+    tiny = plan(machine(1, 64), profiles, 256, 256, sizes)
+    assert tiny.fits and tiny.stage("transformer").blocks == 5 and tiny.stage("t5").blocks == 2
+    assert tiny.stage("transformer").streamed_blocks == 0 and tiny.stage("transformer").slots == 0
+    assert tiny.image_tokens == 2 * 16 * 16
+
+    # One resident block: the other double block and the three singles stream through two slots.
+    base = profiles["8gb"]
+    one = replace(base, transformer=replace(base.transformer, resident_blocks=1))
+    stage = plan(machine(2, 64), {"one": one}, 256, 256, sizes).stage("transformer")
+    double, single, _ = flux_parts(sizes.flux)
+    assert stage.resident_blocks == 1 and stage.slots == 2 and stage.slot_bytes == double.nbytes("nf4")
+    assert stage.streamed_bytes == double.nbytes("nf4") + 3 * single.nbytes("nf4")
+    assert stage.terms["resident blocks"] == double.nbytes("nf4")
+    assert stage.terms["streaming slots"] == 2 * double.nbytes("nf4")
+    assert stage.host.pinned == stage.streamed_bytes and stage.host.pageable == 0
+
+    fp8 = ModelSizes.from_files(tiny_root / "flux1-kontext-dev-fp8.safetensors")
+    as_file = plan(machine(1, 64), profiles, 256, 256, fp8, profile_name="as-file")
+    assert as_file.stage("transformer").format == "fp8_e4m3"
+
+
+def test_host_tiers_and_their_copy_times(profiles) -> None:
+    staging = STAGING_BUFFERS * STAGING_CHUNK_BYTES
+    partial = plan(machine(4, 16), profiles, 1024, 1024, profile_name="8gb-lowram")
+    stage = partial.stage("transformer")
+    cap = partial.profile.pinned_cap_bytes
+    assert stage.host.pageable > 0 and stage.host.pinned - staging <= cap
+    assert stage.host.pinned - staging + stage.host.pageable == stage.streamed_bytes
+    link, staged = CALIBRATION.assumed_h2d_gbps * 1e9, CALIBRATION.host_copy_gbps * 1e9
+    pinned = stage.host.pinned - staging
+    assert stage.transfer_seconds == pytest.approx(pinned / link + stage.host.pageable / staged)
+
+    for ram, rate in ((64, CALIBRATION.host_copy_gbps), (8, CALIBRATION.disk_read_gbps)):
+        mapped = plan(machine(4, ram), profiles, 1024, 1024, profile_name="6gb-lowram").stage("transformer")
+        assert mapped.host.mapped == mapped.streamed_bytes == mapped.host.disk and mapped.host.pinned == staging
+        assert mapped.transfer_seconds == pytest.approx(mapped.streamed_bytes / (rate * 1e9))
+
+
+def test_vae_tiles_when_the_whole_image_does_not_fit(profiles) -> None:
+    roomy = plan(machine(24, 64), profiles, 1024, 1024)
+    assert roomy.stage("vae_decode").tile is None
+    tight = plan(machine(2.2, 64), profiles, 1024, 1024, profile_name="4gb")
+    decode = tight.stage("vae_decode")
+    assert decode.tile in (768, 512, 384, 256, 128) and decode.fits
+    never = replace(profiles["4gb"], name="never", vae_tile="never")
+    untiled = plan(machine(2.2, 64), {"never": never}, 1024, 1024, profile_name="never").stage("vae_decode")
+    assert untiled.tile is None and not untiled.fits and untiled.peak_bytes > decode.peak_bytes
+
+
+# ---- profiles ----------------------------------------------------------------------------------------
+
+
+def test_builtin_profiles(profiles) -> None:
+    assert REQUIRED <= set(profiles)
+    for name, profile in profiles.items():
+        assert profile.source is not None and profile.source.stem == name and profile.source.parent == PROFILES_DIR
+
+
+@pytest.mark.parametrize(
+    "old, new, key",
+    [
+        ("prefetch = 1", "prefetch = -1", "transformer.prefetch"),
+        ("prefetch = 1", 'prefetch = "1"', "transformer.prefetch"),
+        ('format = "nf4"', 'format = "nf5"', "transformer.format"),
+        ('host = "pinned"', 'host = "swap"', "transformer.host"),
+        ('resident_blocks = "auto"', 'resident_blocks = "most"', "transformer.resident_blocks"),
+        ('format = "int8"', "format = 8", "t5.format"),
+        ('tile = "auto"', "tile = 100", "vae.tile"),
+        ("margin_gib = 0.4", "margin_gib = -0.4", "memory.margin_gib"),
+        ("vram_gib = 8", "vram_gib = true", "vram_gib"),
+        ("[clip]", '[clip]\nquality = "best"', "clip.quality"),
+        ("ram_gib = 32\n", "", "ram_gib"),
+        ('name = "8gb"', 'name = "9gb"', "name"),
+        ("[memory]", "[memory", "not valid TOML"),
+    ],
+)
+def test_malformed_profiles_name_the_file_and_key(tmp_path: Path, old: str, new: str, key: str) -> None:
+    text = (PROFILES_DIR / "8gb.toml").read_text()
+    path = tmp_path / "8gb.toml"
+    path.write_text(_setting(text, old, new))
+    with pytest.raises(KontextError) as raised:
+        load_profile_file(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ") and key in message and "\n" not in message
+
+
+def _setting(text: str, old: str, new: str) -> str:
+    """``text`` with the first line starting with ``old`` (not a comment) changed to start with ``new``."""
+    changed, count = re.subn(f"^{re.escape(old)}", new.replace("\\", "\\\\"), text, count=1, flags=re.MULTILINE)
+    assert count == 1, old
+    return changed
+
+
+def test_gguf_format_names_in_any_case(tmp_path: Path) -> None:
+    path = tmp_path / "8gb.toml"
+    path.write_text(_setting((PROFILES_DIR / "8gb.toml").read_text(), 'format = "nf4"', 'format = "q4_k"'))
+    assert load_profile_file(path).transformer.format == "Q4_K"
+
+
+def test_user_profile_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    text = (PROFILES_DIR / "8gb.toml").read_text()
+    (folder / "8gb.toml").write_text(_setting(text, 'description = "', 'description = "mine: '))
+    (folder / "tiny.toml").write_text(_setting(text, 'name = "8gb"', 'name = "tiny"'))
+    monkeypatch.setenv(PROFILES_ENV, str(folder))
+    loaded = load_profiles()
+    assert loaded["8gb"].description.startswith("mine: ") and "tiny" in loaded and REQUIRED <= set(loaded)
+    monkeypatch.setenv(PROFILES_ENV, str(tmp_path / "missing"))
+    with pytest.raises(KontextError, match="no such profiles folder"):
+        load_profiles()
+
+
+# ---- the plan command ---------------------------------------------------------------------------------
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["plan", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_plan_command_json_and_text(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "--vram-budget", "8GiB", "--ram", "64GiB", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["fits"] and [s["name"] for s in result["stages"]] == list(STAGES)
+    assert all(s["peak_bytes"] <= result["budget_bytes"] for s in result["stages"])
+    assert result["width"] == result["height"] == 1024 and len(result["candidates"]) >= len(REQUIRED)
+    code, out, _ = _run(capsys, "--vram-budget", "8", "--ram", "64G", "--width", "768")
+    assert code == 0 and "image 768x768" in out and "profiles compared" in out and "s/step" in out
+
+
+def test_plan_command_with_files_and_a_profile_file(
+    capsys: pytest.CaptureFixture[str], tiny_root: Path, tmp_path: Path
+) -> None:
+    model = str(tiny_root / "diffusers")
+    code, out, _ = _run(capsys, "--model", model, "--vram-budget", "1", "--width", "256", "--json")
+    assert code == 0
+    transformer = next(s for s in json.loads(out)["stages"] if s["name"] == "transformer")
+    assert transformer["blocks"] == 5
+    mine = tmp_path / "mine.toml"
+    mine.write_text(_setting((PROFILES_DIR / "8gb.toml").read_text(), 'name = "8gb"', 'name = "mine"'))
+    code, out, _ = _run(capsys, "--vram-budget", "8", "--profile", str(mine), "--json")
+    assert code == 0 and json.loads(out)["profile"] == "mine" and json.loads(out)["explicit"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--vram-budget", "lots"], "cannot read the size 'lots'"),
+        (["--vram-budget", "1GiB"], "the smallest budget that would work is"),
+        (["--vram-budget", "8", "--profile", "nope"], "unknown profile 'nope'"),
+        (["--vram-budget", "8", "--transformer", "/nonexistent/flux.safetensors"], "no such FLUX transformer"),
+    ],
+)
+def test_plan_command_errors(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    code, out, err = _run(capsys, *argv)
+    assert code == 1 and out == "" and err.startswith("error: ") and message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
+def test_plan_command_without_a_gpu(capsys: pytest.CaptureFixture[str], tiny_root: Path) -> None:
+    code, _, err = _run(capsys)
+    assert code == 1 and "pass --vram-budget SIZE" in err
+    code, out, _ = _run(capsys, "--vram-budget", "8")
+    assert code == 0 and "machine: no CUDA GPU: a hypothetical card, VRAM 8.0 of 8.0 GiB usable" in out
+
