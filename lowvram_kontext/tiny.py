@@ -78,19 +78,21 @@ class TinyWeights:
     clip_config: CLIPTextConfig
 
 
+def random_weight(
+    name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A tensor scaled like a trained model's: matrices ~ 1/sqrt(fan-in), norm scales near 1, small biases."""
+    tensor = torch.empty(shape, dtype=dtype)
+    if len(shape) >= 2:
+        return tensor.normal_(0, 1 / math.sqrt(math.prod(shape[1:])), generator=generator)
+    if name.endswith("bias"):
+        return tensor.normal_(0, 0.02, generator=generator)
+    return tensor.normal_(1, 0.1, generator=generator)
+
+
 def random_state_dict(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Weights scaled like a trained model's: matrices ~ 1/sqrt(fan-in), norm scales near 1, small biases."""
-    weights = {}
-    for name, meta in model.state_dict().items():
-        if meta.ndim >= 2:
-            fan_in = math.prod(meta.shape[1:])
-            tensor = torch.randn(meta.shape, generator=generator) / math.sqrt(fan_in)
-        elif name.endswith("bias"):
-            tensor = 0.02 * torch.randn(meta.shape, generator=generator)
-        else:
-            tensor = 1 + 0.1 * torch.randn(meta.shape, generator=generator)
-        weights[name] = tensor
-    return weights
+    """Random weights for every tensor of ``model`` (which may live on the meta device)."""
+    return {name: random_weight(name, tuple(meta.shape), generator) for name, meta in model.state_dict().items()}
 
 
 def _meta(model_cls: type[nn.Module], config: object) -> nn.Module:

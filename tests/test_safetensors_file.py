@@ -102,3 +102,18 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(OSError):
         save_safetensors({"a": TENSORS["a"]}, tmp_path / "full.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors"]
+
+
+def test_streaming_writer_reads_back(tmp_path: Path) -> None:
+    from lowvram_kontext.weights.safetensors_file import write_safetensors_streaming
+
+    path = tmp_path / "s.safetensors"
+    entries = [(name, t.dtype, tuple(t.shape)) for name, t in TENSORS.items()]
+    write_safetensors_streaming(path, entries, TENSORS.__getitem__, {"made": "streaming"})
+    file = SafetensorsFile(path)
+    assert file.metadata == {"made": "streaming"}
+    for name, tensor in TENSORS.items():
+        assert torch.equal(file.read(name).view(torch.uint8), tensor.view(torch.uint8))
+    with pytest.raises(ValueError):
+        write_safetensors_streaming(tmp_path / "bad.safetensors", entries, lambda name: torch.zeros(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]

@@ -9,9 +9,10 @@ final buffer, so a file larger than RAM can be walked.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -173,6 +174,40 @@ def save_safetensors(
     tmp = path.with_name(f".{path.name}.partial")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_safetensors_streaming(
+    path: Path,
+    entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+    make: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file one tensor at a time (``make(name)`` gives each in turn).
+
+    Only one tensor is in memory at once, so files larger than RAM can be written (full-size
+    synthetic checkpoints). Atomic like ``save_safetensors``.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {})} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with tmp.open("wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name, dtype, shape in entries:
+                tensor = make(name)
+                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(f"{name}: made {tensor.dtype} {list(tensor.shape)}, wanted {dtype} {list(shape)}")
+                f.write(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
