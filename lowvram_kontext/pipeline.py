@@ -7,7 +7,10 @@ tokenize -> CLIP and T5 (freed after) -> VAE encode of the condition image -> tr
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,12 +19,22 @@ from torch import nn
 
 from . import images, sampling
 from .errors import KontextError
+from .offload import StreamingEngine, stream_model
+from .planner import Plan
 from .progress import Progress
 from .tokenizers import load_tokenizers
-from .weights.loading import COMPONENTS, load_component
+from .vae_tiling import decode_tiled, encode_tiled
+from .weights.loading import COMPONENTS, load_component, open_component
 
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 2.5
+DECODE_OVERLAP = 8  # latent pixels shared by neighbouring VAE tiles (at most a quarter of a tile)
+ENCODE_OVERLAP = 64  # image pixels, likewise
+
+
+def _overlap(tile: int, preferred: int, multiple: int = 1) -> int:
+    """The overlap for ``tile``: ``preferred``, or a quarter of small tiles, a multiple of ``multiple``."""
+    return min(preferred, tile // 4) // multiple * multiple
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,19 @@ class PromptEmbedding:
     vec: torch.Tensor  # [1, pooled] CLIP pooled state
 
 
-def release(*modules: nn.Module) -> None:
+@dataclass
+class PipelineStats:
+    """What the last run of each stage cost (device figures are zero on a CPU)."""
+
+    stage_peak_bytes: dict[str, int] = field(default_factory=dict)  # allocator peak per stage
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)  # per component
+    step_seconds: list[float] = field(default_factory=list)  # each sampling step, synchronized
+    bytes_streamed_per_step: int = 0
+    h2d_gbps: float | None = None  # achieved by the transformer's block copies
+
+
+def free(*modules: nn.Module) -> None:
     """Drop what a finished stage held on the device."""
     for module in modules:
         module.to("meta")
@@ -86,8 +111,18 @@ def release(*modules: nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class KontextPipeline:
-    """Loads components on demand from ``paths`` and runs edits with them."""
+    """Loads components on demand from ``paths`` and runs edits with them.
+
+    Without a plan every component is loaded whole onto ``device`` (weights the file holds
+    compressed stay compressed). With a plan (see ``planner``) each component is held and streamed as
+    the plan's profile says: storage format, resident blocks, prefetch, host tier, VAE tiles.
+    """
 
     def __init__(
         self,
@@ -95,23 +130,71 @@ class KontextPipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         progress: Progress | None = None,
+        plan: Plan | None = None,
+        cache_dir: Path | None = None,
+        replan: Callable[[str], Plan] | None = None,
     ):
+        """``replan(profile_name)`` gives the plan of another profile: the fallback after running out of memory."""
         self.paths = paths
         self.device = torch.device(device)
         self.dtype = dtype
         self.progress = progress or Progress(quiet=True)
+        self.plan = plan
+        self.replan = replan
+        self.cache_dir = cache_dir
+        self.stats = PipelineStats()
         self._tokenizers = load_tokenizers(paths.tokenizers)
+        self._vae_config = open_component(COMPONENTS["vae"], paths.vae)[0]
         self._transformer: nn.Module | None = None
+        self._transformer_engine: StreamingEngine | None = None
         self._vae: nn.Module | None = None
 
-    def _load(self, name: str) -> nn.Module:
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        """Run a stage: its time and its device peak go to ``stats`` and the progress line."""
+        _synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        with self.progress.stage(name):
+            yield
+            _synchronize(self.device)
+        self.stats.stage_seconds[name] = time.perf_counter() - start
+        if self.device.type == "cuda":
+            self.stats.stage_peak_bytes[name] = torch.cuda.max_memory_allocated(self.device)
+
+    def _load(self, name: str, storage: str | None = "file", device: torch.device | None = None) -> nn.Module:
+        start = time.perf_counter()
         with self.progress.stage(f"load {COMPONENTS[name].label}"):
-            return load_component(name, getattr(self.paths, name), self.dtype, self.device)
+            model = load_component(name, getattr(self.paths, name), self.dtype, device or self.device, storage)
+        self.stats.load_seconds[name] = time.perf_counter() - start
+        return model
+
+    def _load_streamed(self, name: str) -> tuple[nn.Module, StreamingEngine | None]:
+        """Load the transformer or T5 as the plan says: its storage format, resident blocks, streaming."""
+        if self.plan is None:
+            return self._load(name), None
+        stage = self.plan.stage(name)
+        settings = self.plan.profile.transformer if name == "transformer" else self.plan.profile.t5
+        if not stage.streamed_blocks:
+            return self._load(name, stage.format), None
+        model = self._load(name, stage.format, device=torch.device("cpu"))
+        engine = stream_model(
+            model,
+            self.device,
+            resident=stage.resident_blocks,
+            prefetch=stage.prefetch,
+            host=settings.host,
+            pinned_cap_bytes=self.plan.profile.pinned_cap_bytes,
+            cache_dir=self.cache_dir,
+            measure=self.device.type == "cuda",
+        )
+        return model, engine
 
     @property
     def transformer(self) -> nn.Module:
         if self._transformer is None:
-            self._transformer = self._load("transformer")
+            self._transformer, self._transformer_engine = self._load_streamed("transformer")
         return self._transformer
 
     @property
@@ -120,18 +203,24 @@ class KontextPipeline:
             self._vae = self._load("vae")
         return self._vae
 
+    def _vae_tile(self, stage: str) -> int | None:
+        """The plan's VAE tile side for ``stage`` in image pixels; None to run whole."""
+        return None if self.plan is None else self.plan.stage(stage).tile
+
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> PromptEmbedding:
         """Run CLIP and T5 on the prompt; both encoders are freed before returning."""
         clip_tokens, t5_tokens = (t.as_tensor(prompt).to(self.device) for t in self._tokenizers)
         clip = self._load("clip")
-        with self.progress.stage("CLIP"):
+        with self._stage("clip"):
             vec = clip(clip_tokens)
-        release(clip)
-        t5 = self._load("t5")
-        with self.progress.stage("T5"):
+        free(clip)
+        t5, engine = self._load_streamed("t5")
+        with self._stage("t5"):
             txt = t5(t5_tokens)
-        release(t5)
+        if engine is not None:
+            engine.detach()
+        free(t5)
         return PromptEmbedding(txt=txt, vec=vec)
 
     def output_size(self, image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
@@ -148,14 +237,21 @@ class KontextPipeline:
     @property
     def vae_grid(self) -> int:
         """Image sides must be multiples of this: VAE downsampling times the 2x2 packing."""
-        return self.vae.config.downsample_factor * sampling.PACK
+        return self._vae_config.downsample_factor * sampling.PACK
 
     @torch.inference_mode()
     def encode_condition(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """The condition image, resized and VAE-encoded, as packed tokens."""
         pixels = images.to_tensor(images.resize(image, width, height)).to(self.device, self.dtype)
-        with self.progress.stage("VAE encode"):
-            return sampling.pack(self.vae.encode(pixels))
+        vae = self.vae
+        tile = self._vae_tile("vae_encode")
+        with self._stage("vae_encode"):
+            if tile is None:
+                latent = vae.encode(pixels)
+            else:
+                factor = vae.config.downsample_factor
+                latent = encode_tiled(vae, pixels, tile, _overlap(tile, ENCODE_OVERLAP, factor))
+            return sampling.pack(latent)
 
     @torch.inference_mode()
     def sample(
@@ -171,13 +267,15 @@ class KontextPipeline:
         target = sampling.pack(noise.float())
         # The condition is encoded at the target's size, so both share one grid of positions.
         ids = torch.cat(
-            [sampling.position_ids(latent_h, latent_w, 0), sampling.position_ids(latent_h, latent_w, 1)],
-            dim=1,
+            [sampling.position_ids(latent_h, latent_w, 0), sampling.position_ids(latent_h, latent_w, 1)], dim=1
         ).to(self.device, self.dtype)
         txt_ids = torch.zeros(1, prompt.txt.shape[1], 3, device=self.device, dtype=self.dtype)
         guidance_vec = torch.full((1,), guidance, device=self.device, dtype=self.dtype)
         n_target = target.shape[1]
         transformer = self.transformer
+        engine = self._transformer_engine
+        streamed_before = engine.bytes_streamed if engine is not None else 0
+        copies_before = len(engine.copy_times()) if engine is not None else 0
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             img = torch.cat([x.to(self.dtype), condition], dim=1)
@@ -185,19 +283,58 @@ class KontextPipeline:
             out = transformer(img, ids, prompt.txt, txt_ids, t_vec, prompt.vec, guidance_vec)
             return out[:, :n_target]
 
+        step_seconds: list[float] = []
+        last = [time.perf_counter()]
+
+        def on_step(done: int, total: int) -> None:
+            _synchronize(self.device)
+            now = time.perf_counter()
+            step_seconds.append(now - last[0])
+            last[0] = now
+            self.progress.step(done, total)
+
         times = sampling.schedule(steps, n_target)
-        self.progress.say(
-            f"sampling {steps} steps, {n_target} target + {condition.shape[1]} condition tokens"
-        )
-        self.progress.start_steps()
-        tokens = sampling.euler(velocity, target.to(self.device), times, on_step=self.progress.step)
+        self.progress.say(f"sampling {steps} steps, {n_target} target + {condition.shape[1]} condition tokens")
+        with self._stage("transformer"):
+            self.progress.start_steps()
+            last[0] = time.perf_counter()
+            tokens = sampling.euler(velocity, target.to(self.device), times, on_step=on_step)
+        self.stats.step_seconds = step_seconds
+        if engine is not None:
+            self.stats.bytes_streamed_per_step = (engine.bytes_streamed - streamed_before) // steps
+            copies = engine.copy_times()[copies_before:]
+            seconds = sum(c.seconds for c in copies)
+            self.stats.h2d_gbps = sum(c.nbytes for c in copies) / seconds / 1e9 if seconds > 0 else None
         return sampling.unpack(tokens, latent_h, latent_w)
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> Image.Image:
-        with self.progress.stage("VAE decode"):
-            pixels = self.vae.decode(latent.to(self.device, self.dtype))
+        if self.plan is not None:
+            self.release_transformer()  # the plan gives the decoder the memory the transformer held
+        vae = self.vae
+        tile = self._vae_tile("vae_decode")
+        with self._stage("vae_decode"):
+            z = latent.to(self.device, self.dtype)
+            if tile is None:
+                pixels = vae.decode(z)
+            else:
+                latent_tile = tile // vae.config.downsample_factor
+                pixels = decode_tiled(vae, z, latent_tile, _overlap(latent_tile, DECODE_OVERLAP))
         return images.to_image(pixels)
+
+    def release_transformer(self) -> None:
+        if self._transformer_engine is not None:
+            self._transformer_engine.detach()
+        if self._transformer is not None:
+            free(self._transformer)
+        self._transformer = self._transformer_engine = None
+
+    def release(self) -> None:
+        """Free everything the pipeline holds, on the device and pinned on the host."""
+        self.release_transformer()
+        if self._vae is not None:
+            free(self._vae)
+        self._vae = None
 
     def edit(
         self,
@@ -209,13 +346,48 @@ class KontextPipeline:
         width: int | None = None,
         height: int | None = None,
     ) -> Image.Image:
-        """One whole edit of ``image`` following ``prompt``."""
+        """One whole edit of ``image`` following ``prompt``.
+
+        Running out of GPU memory in any stage frees everything and retries the edit once with the
+        next smaller plan (the profile predicted to need less memory) instead of failing.
+        """
         if steps < 1:
             raise KontextError(f"--steps must be at least 1 (got {steps})")
         width, height = self.output_size(image, width, height)
+        try:
+            return self._edit(image, prompt, steps, guidance, seed, width, height)
+        except torch.OutOfMemoryError:
+            self.release()
+            failed = self.plan.profile.name if self.plan is not None else "everything resident"
+            smaller = self._smaller_plan()
+            if smaller is None:
+                raise KontextError(
+                    f"out of GPU memory ({failed}) and no smaller plan to fall back to: "
+                    "try --vram-budget with a smaller size or a smaller --profile"
+                ) from None
+        self.progress.say(f"out of GPU memory with profile {failed}: retrying once with {smaller.profile.name}")
+        self.plan = smaller
+        try:
+            return self._edit(image, prompt, steps, guidance, seed, width, height)
+        except torch.OutOfMemoryError:
+            self.release()
+            raise KontextError(f"out of GPU memory again with profile {smaller.profile.name}") from None
+
+    def _smaller_plan(self) -> Plan | None:
+        """The plan of the profile predicted to need the most memory below the current plan's peak."""
+        if self.plan is None or self.replan is None:
+            return None
+        lower = [c for c in self.plan.candidates if c.peak_bytes < self.plan.peak_bytes]
+        if not lower:
+            return None
+        return self.replan(max(lower, key=lambda c: (c.fits, c.peak_bytes)).name)
+
+    def _edit(
+        self, image: Image.Image, prompt: str, steps: int, guidance: float, seed: int, width: int, height: int
+    ) -> Image.Image:
         embedding = self.encode_prompt(prompt)
         condition = self.encode_condition(image, width, height)
-        config = self.vae.config
+        config = self._vae_config
         noise = sampling.initial_noise(seed, height, width, config.z_channels, config.downsample_factor)
         latent = self.sample(embedding, condition, noise, steps, guidance)
         return self.decode(latent)

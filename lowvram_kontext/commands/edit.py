@@ -11,9 +11,11 @@ import torch
 
 from .. import __version__, demo, images
 from ..errors import KontextError
+from ..hardware import cap_allocator, parse_size
 from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, KontextPipeline, default_dtype, resolve_device
+from ..planner import ModelSizes, Plan, load_profiles, plan
 from ..progress import Progress
-from .options import add_model_options, model_paths
+from .options import add_model_options, add_plan_options, chosen_profile, model_paths, planning_machine
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -38,7 +40,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     edit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     edit.add_argument("--demo", action="store_true", help="run on a tiny built-in model with RANDOM weights")
+    add_plan_options(edit)
     edit.add_argument("--quiet", action="store_true", help="print only the output path")
+    edit.add_argument("--verbose", action="store_true", help="also print the memory plan")
     edit.set_defaults(run=run)
 
 
@@ -66,6 +70,34 @@ def _output_path(args: argparse.Namespace) -> Path:
     return out
 
 
+def _apply_plan(args: argparse.Namespace, pipeline: KontextPipeline, width: int, height: int) -> None:
+    """Plan memory for a GPU (or for --vram-budget) and cap the allocator to the budget; a CPU runs whole."""
+    on_gpu = pipeline.device.type == "cuda"
+    machine = planning_machine(args, pipeline.paths.transformer) if on_gpu or args.vram_budget else None
+    if machine is None:
+        if args.profile is not None:
+            raise KontextError("--profile needs a CUDA GPU or --vram-budget SIZE")
+        return
+    if args.vram_budget is not None and on_gpu:
+        cap_allocator(pipeline.device, parse_size(args.vram_budget))
+    profiles = load_profiles()
+    name = chosen_profile(args, profiles)
+    p = pipeline.paths
+    sizes = ModelSizes.from_files(transformer=p.transformer, t5=p.t5, clip=p.clip, vae=p.vae)
+
+    def replan(profile_name: str | None) -> Plan:
+        return plan(machine, profiles, width, height, sizes, profile_name)
+
+    pipeline.plan, pipeline.replan = replan(name), replan
+    chosen = pipeline.plan
+    pipeline.progress.say(
+        f"profile {chosen.profile.name}: predicted peak {chosen.peak_bytes / 2**30:.2f} GiB, "
+        f"{chosen.seconds_per_step:.2f} s/step"
+    )
+    if args.verbose:
+        pipeline.progress.say(chosen.explain())
+
+
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise KontextError(f"--steps must be at least 1 (got {args.steps})")
@@ -87,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
     out = _output_path(args)
     paths = model_paths(args)
 
-    pipeline = KontextPipeline(paths, device=device, dtype=dtype, progress=progress)
-    result = pipeline.edit(image, args.prompt, args.steps, args.guidance, args.seed, args.width, args.height)
+    pipeline = KontextPipeline(paths, device=device, dtype=dtype, progress=progress, cache_dir=demo.cache_dir())
+    width, height = pipeline.output_size(image, args.width, args.height)
+    _apply_plan(args, pipeline, width, height)
+    result = pipeline.edit(image, args.prompt, args.steps, args.guidance, args.seed, width, height)
     files = {name: str(getattr(paths, name)) for name in ("transformer", "t5", "clip", "vae")}
     metadata = {
         "prompt": args.prompt,

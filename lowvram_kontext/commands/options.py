@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..hardware import Machine, detect, parse_size
 from ..pipeline import ModelPaths
+from ..planner import Profile, load_profile_file
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -20,3 +22,32 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def model_paths(args: argparse.Namespace) -> ModelPaths:
     return ModelPaths.resolve(args.model, args.transformer, args.t5, args.clip, args.vae, args.tokenizers)
+
+
+def add_plan_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vram-budget", help="act as a card of this size, e.g. 8GiB, 7.5G, 6000MiB (plain number: GiB)"
+    )
+    parser.add_argument("--profile", help="a profile name, or a profile's .toml file (default: the fastest that fits)")
+
+
+def chosen_profile(args: argparse.Namespace, profiles: dict[str, Profile]) -> str | None:
+    """The profile name asked for; a .toml file given is loaded and added to ``profiles``."""
+    if args.profile is None:
+        return None
+    path = Path(args.profile)
+    if path.suffix == ".toml" or path.is_file():
+        profile = load_profile_file(path)
+        profiles[profile.name] = profile
+        return profile.name
+    return args.profile
+
+
+def planning_machine(args: argparse.Namespace, weights_path: Path | None = None) -> Machine | None:
+    """The machine to plan for: this one, with --ram / --vram-budget applied; None without GPU or budget."""
+    machine = detect(weights_path)
+    if getattr(args, "ram", None) is not None:
+        machine = machine.with_ram(parse_size(args.ram))
+    if args.vram_budget is not None:
+        return machine.with_budget(parse_size(args.vram_budget))  # without a GPU: a hypothetical card
+    return machine if machine.has_gpu else None

@@ -6,10 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import KontextError
-from ..hardware import Machine, detect, parse_size
-from ..planner import ModelSizes, Profile, load_profile_file, load_profiles, plan
+from ..planner import ModelSizes, load_profiles, plan
 from ..weights.loading import COMPONENTS
-from .options import add_model_options
+from .options import add_model_options, add_plan_options, chosen_profile, planning_machine
 
 DEFAULT_SIZE = 1024
 
@@ -19,13 +18,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "plan", help="show the memory plan: profile, per-stage peak VRAM, host memory, predicted speed"
     )
     add_model_options(parser)
-    parser.add_argument(
-        "--vram-budget", help="plan for a card of this size, e.g. 8GiB, 7.5G, 6000MiB (plain number: GiB)"
-    )
+    add_plan_options(parser)
     parser.add_argument("--ram", help="plan for a host with this much RAM (same units)")
     parser.add_argument("--width", type=int, help=f"image width (default {DEFAULT_SIZE}, or --height)")
     parser.add_argument("--height", type=int, help=f"image height (default {DEFAULT_SIZE}, or --width)")
-    parser.add_argument("--profile", help="a profile name, or a profile's .toml file (default: the fastest that fits)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(run=run)
 
@@ -51,34 +47,14 @@ def _model_sizes(args: argparse.Namespace) -> ModelSizes:
     return ModelSizes.from_files(**paths)
 
 
-def _profile(args: argparse.Namespace, profiles: dict[str, Profile]) -> str | None:
-    """The profile name asked for; a .toml file given is loaded and added to ``profiles``."""
-    if args.profile is None:
-        return None
-    path = Path(args.profile)
-    if path.suffix == ".toml" or path.is_file():
-        profile = load_profile_file(path)
-        profiles[profile.name] = profile
-        return profile.name
-    return args.profile
-
-
-def _machine(args: argparse.Namespace) -> Machine:
-    machine = detect()
-    if args.ram is not None:
-        machine = machine.with_ram(parse_size(args.ram))
-    if args.vram_budget is not None:
-        return machine.with_budget(parse_size(args.vram_budget))  # without a GPU: a hypothetical card
-    if not machine.has_gpu:
-        raise KontextError("no CUDA GPU here: pass --vram-budget SIZE to plan for a card of that size")
-    return machine
-
-
 def run(args: argparse.Namespace) -> int:
     width = args.width or args.height or DEFAULT_SIZE
     height = args.height or args.width or DEFAULT_SIZE
     profiles = load_profiles()
-    name = _profile(args, profiles)
-    result = plan(_machine(args), profiles, width, height, _model_sizes(args), name)
+    name = chosen_profile(args, profiles)
+    machine = planning_machine(args)
+    if machine is None:
+        raise KontextError("no CUDA GPU here: pass --vram-budget SIZE to plan for a card of that size")
+    result = plan(machine, profiles, width, height, _model_sizes(args), name)
     print(result.to_json() if args.json else result.explain())
     return 0

@@ -293,6 +293,7 @@ class StreamingEngine:
 
     # ----- copying (loader thread)
 
+    @torch.inference_mode()  # the engine serves inference; slots made under inference mode need it here too
     def _copy(self, position: int, slot: int) -> None:
         s = self._streamed[position]
         target = self._slots[slot][: s.layout.nbytes]

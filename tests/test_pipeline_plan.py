@@ -1,0 +1,125 @@
+"""The pipeline driven by a plan: streaming equals resident, stages free their models, VAE tiles, OOM retry."""
+
+import weakref
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lowvram_kontext import pipeline as pipeline_module
+from lowvram_kontext.demo import demo_image
+from lowvram_kontext.errors import KontextError
+from lowvram_kontext.hardware import Machine
+from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
+from lowvram_kontext.planner import ModelSizes, Plan, Streaming, load_profiles, plan
+
+SIZE = 48
+GIB = 2**30
+
+
+def _paths(root: Path) -> ModelPaths:
+    return ModelPaths.resolve(model=root / "diffusers")
+
+
+def _plan(root: Path, *, resident: int | str, tile: int | str = "never", name: str = "streamed") -> tuple[Plan, dict]:
+    profiles = load_profiles()
+    streamed = Streaming(format="file", resident_blocks=resident, prefetch=1, host="pageable")
+    profiles[name] = replace(profiles["8gb"], name=name, transformer=streamed, t5=streamed, vae_tile=tile)
+    paths = _paths(root)
+    sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
+    machine = Machine.cpu_only(ram_total=64 * GIB, ram_available=48 * GIB).with_budget(8 * GIB)
+    return plan(machine, profiles, SIZE, SIZE, sizes, name), {"machine": machine, "profiles": profiles, "sizes": sizes}
+
+
+def _edit(pipe: KontextPipeline, seed: int = 3) -> np.ndarray:
+    return np.asarray(pipe.edit(demo_image(SIZE), "a red hat", steps=2, seed=seed, width=SIZE, height=SIZE))
+
+
+def test_streamed_plan_gives_the_resident_image_bit_for_bit(tiny_root: Path) -> None:
+    resident_plan, _ = _plan(tiny_root, resident="all", name="resident")
+    assert resident_plan.stage("transformer").streamed_blocks == 0
+    resident = _edit(KontextPipeline(_paths(tiny_root), plan=resident_plan))
+    streamed_plan, _ = _plan(tiny_root, resident=1)
+    assert streamed_plan.stage("transformer").streamed_blocks == 4  # 5 blocks, 1 resident
+    assert streamed_plan.stage("t5").streamed_blocks == 1
+    pipe = KontextPipeline(_paths(tiny_root), plan=streamed_plan)
+    assert np.array_equal(_edit(pipe), resident)
+    assert pipe.stats.bytes_streamed_per_step > 0
+    assert set(pipe.stats.stage_seconds) == {"clip", "t5", "vae_encode", "transformer", "vae_decode"}
+    assert len(pipe.stats.step_seconds) == 2 and set(pipe.stats.load_seconds) == {"clip", "t5", "vae", "transformer"}
+
+
+def test_text_encoders_and_transformer_are_freed_after_their_stages(tiny_root: Path, monkeypatch) -> None:  # noqa: ANN001
+    loaded: dict[str, weakref.ref] = {}
+    real_load = pipeline_module.load_component
+
+    def tracking_load(name, *args, **kwargs):  # noqa: ANN001, ANN202
+        model = real_load(name, *args, **kwargs)
+        loaded[name] = weakref.ref(model)
+        return model
+
+    monkeypatch.setattr(pipeline_module, "load_component", tracking_load)
+    pipe = KontextPipeline(_paths(tiny_root), plan=_plan(tiny_root, resident=1)[0])
+    pipe.encode_prompt("a red hat")
+    for name in ("clip", "t5"):
+        model = loaded[name]()
+        assert model is None or all(t.is_meta for t in list(model.parameters()) + list(model.buffers())), name
+    _edit(pipe)
+    transformer = loaded["transformer"]()
+    assert transformer is None or all(p.is_meta for p in transformer.parameters())
+    assert pipe._transformer is None  # the plan gives the decoder the transformer's memory
+
+
+def test_tiled_vae_plan_runs_and_stays_close_to_untiled(tiny_root: Path) -> None:
+    untiled = _edit(KontextPipeline(_paths(tiny_root))).astype(float)
+    tiled_plan, _ = _plan(tiny_root, resident=1, tile=32)
+    assert tiled_plan.stage("vae_decode").tile == 32
+    tiled = _edit(KontextPipeline(_paths(tiny_root), plan=tiled_plan)).astype(float)
+    assert tiled.shape == untiled.shape
+    assert np.abs(tiled - untiled).mean() < 40  # per-tile GroupNorm statistics on random weights: close, not equal
+
+
+def test_out_of_memory_retries_once_with_a_smaller_plan(tiny_root: Path, monkeypatch) -> None:  # noqa: ANN001
+    big, context = _plan(tiny_root, resident=5, name="big")
+    small_plan, _ = _plan(tiny_root, resident=1, name="small")
+    context["profiles"]["small"] = small_plan.profile
+
+    def replan(name: str) -> Plan:
+        return plan(context["machine"], context["profiles"], SIZE, SIZE, context["sizes"], name)
+
+    big = replan("big")
+    assert any(c.name == "small" and c.peak_bytes < big.peak_bytes for c in big.candidates)
+    calls = {"n": 0}
+    real_sample = KontextPipeline.sample
+
+    def sample_failing_once(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(KontextPipeline, "sample", sample_failing_once)
+    messages: list[str] = []
+    pipe = KontextPipeline(_paths(tiny_root), plan=big, replan=replan)
+    monkeypatch.setattr(pipe.progress, "say", messages.append)
+    result = _edit(pipe)
+    assert calls["n"] == 2 and result.shape == (SIZE, SIZE, 3)
+    assert pipe.plan.peak_bytes < big.peak_bytes
+    assert any("retrying once with" in m for m in messages)
+
+
+def test_out_of_memory_without_a_fallback_is_one_clear_error(tiny_root: Path, monkeypatch) -> None:  # noqa: ANN001
+    def always_out_of_memory(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(KontextPipeline, "sample", always_out_of_memory)
+    with pytest.raises(KontextError, match="out of GPU memory"):
+        _edit(KontextPipeline(_paths(tiny_root)))
+
+
+def test_image_is_valid(tiny_root: Path) -> None:
+    image = Image.fromarray(_edit(KontextPipeline(_paths(tiny_root))))
+    assert image.size == (SIZE, SIZE)
