@@ -90,11 +90,13 @@ def convert(component_name: str, path: Path, fmt: str, out: Path) -> ConversionR
     check_shapes(model, source, component.label)
     block_weights = set(compressible_weights(model, component.block_prefixes))
     plain_target = isinstance(codec(fmt), PlainCodec)
+    work_device = "cuda" if torch.cuda.is_available() else "cpu"  # quantizing is far faster on a GPU
     report = ConversionReport(out)
     stored: dict[str, torch.Tensor | QuantizedTensor] = {}
     for name, ref in source.items():
         is_block_weight = name in block_weights
-        held = compress(ref, fmt) if is_block_weight and not plain_target else None
+        held = compress(ref, fmt, work_device) if is_block_weight and not plain_target else None
+        held = held.to("cpu") if held is not None else None
         if held is None:
             if is_block_weight and not plain_target:
                 report.kept_plain.append(name)

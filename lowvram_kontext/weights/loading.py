@@ -190,13 +190,14 @@ def compressible_weights(model: nn.Module, block_prefixes: tuple[str, ...]) -> l
     ]
 
 
-def compress(ref: TensorRef, storage: str) -> QuantizedTensor | None:
+def compress(ref: TensorRef, storage: str, work_device: torch.device | str = "cpu") -> QuantizedTensor | None:
     """The tensor of ``ref`` held in ``storage``, or None where it stays a plain tensor.
 
     ``storage`` "file" keeps what the file holds: its compressed tensors stay compressed (fp8 tensors
     included), plain ones stay plain. A format name stores every tensor in that format (quantizing
     from the file's values unless the file already holds that format); a tensor whose shape the
-    format cannot hold (rows not a multiple of its block) stays plain.
+    format cannot hold (rows not a multiple of its block) stays plain. Quantizing runs on
+    ``work_device`` (a GPU does it in a fraction of a CPU's time); the result stays there.
     """
     if storage == "file":
         if ref.compressed is not None:
@@ -208,7 +209,7 @@ def compress(ref: TensorRef, storage: str) -> QuantizedTensor | None:
         return ref.compressed()
     if codec(storage).shape_problem(torch.Size(ref.shape)):
         return None
-    return quantize(ref.load().float(), storage)
+    return quantize(ref.load().to(work_device).float(), storage)
 
 
 def load_component(
@@ -222,7 +223,8 @@ def load_component(
 
     ``storage`` says how the linear layers inside the blocks hold their weights: None expands
     everything to ``dtype``; "file" keeps the file's compressed tensors compressed; a format name
-    ("nf4", "int8", "Q4_0", ...) quantizes them into it while loading, one tensor at a time.
+    ("nf4", "int8", "Q4_0", ...) quantizes them into it while loading, one tensor at a time, on the
+    GPU when one is available.
     """
     component = COMPONENTS[name]
     if storage not in (None, "file"):
@@ -231,10 +233,11 @@ def load_component(
     with torch.device("meta"):
         model = component.model(config)
     check_shapes(model, source, component.label)
+    work_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     compressed: dict[str, QuantizedTensor] = {}
     if storage is not None:
         for weight in compressible_weights(model, component.block_prefixes):
-            held = compress(source[weight], storage)
+            held = compress(source[weight], storage, work_device)
             if held is not None:
                 compressed[weight] = held.to(device)
     materialize(model, source, dtype, device, skip=compressed)
