@@ -32,7 +32,9 @@ class ScratchPool:
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
             self._buffers.pop(key, None)  # free the smaller one before allocating its successor
-            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+            # A normal (not inference-mode) tensor: written in place both inside and outside inference mode.
+            with torch.inference_mode(False):
+                buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(shape)
 
     @property

@@ -45,6 +45,20 @@ class Codec:
         """Write the values of ``qt`` into the contiguous tensor ``out`` (same numel, any float dtype)."""
         raise NotImplementedError
 
+    def operands(self, qt: QuantizedTensor) -> tuple[torch.Tensor, ...]:
+        """``qt``'s payload as the arguments of ``values`` (views, no copies)."""
+        raise NotImplementedError
+
+    def values(self, *operands: torch.Tensor) -> torch.Tensor:
+        """The float32 values of a whole tensor from ``operands(qt)``, in row-major order.
+
+        Shaped ``[rows, -1]`` where the first operand has ``rows`` rows, flat where it is 1-D. One
+        pure function of its arguments, made of element-wise and view operations only, so that
+        ``torch.compile`` can make it one kernel; ``dequantize_into`` applies the same expression to
+        runs of rows.
+        """
+        raise NotImplementedError
+
     def quantize(self, tensor: torch.Tensor) -> QuantizedTensor:
         """``tensor`` (of a shape ``shape_problem`` accepts) in this format, on its device."""
         raise KontextError(
@@ -142,7 +156,8 @@ class QuantizedTensor:
     ) -> torch.Tensor:
         """The values as ``dtype`` on the payload's device, written into ``out`` when given.
 
-        Values are computed in float32 and rounded once to ``dtype``.
+        Values are computed in float32 and rounded once to ``dtype``. On CUDA one fused kernel does it
+        (see ``fused``); elsewhere, or with fusing off, the chunked PyTorch code of the format.
         """
         if out is None:
             out = torch.empty(self.shape, dtype=dtype, device=self.device)
@@ -156,6 +171,11 @@ class QuantizedTensor:
                 f"out must be a contiguous {dtype} tensor of shape {list(self.shape)} on {self.device}, "
                 f"got {out.dtype} {list(out.shape)} on {out.device}"
             )
+        if self.data.is_cuda:
+            from . import fused  # here, not at the top: fused imports the format modules, which import this
+
+            if fused.dequantize_into(self, out):
+                return out
         codec(self.format).dequantize_into(self, out)
         return out
 

@@ -15,7 +15,9 @@ from .base import Codec, QuantizedTensor, codec, expect_dtype, expect_shape, fil
 
 def half(blocks: torch.Tensor, at: int) -> torch.Tensor:
     """The float16 field at byte ``at`` of every block, as float32 of shape [n, 1]."""
-    return blocks[:, at : at + 2].contiguous().view(torch.float16).float()
+    # Built from its two bytes: viewing uint8 as a wider dtype would keep torch.compile from fusing.
+    low, high = blocks[:, at : at + 1].to(torch.int16), blocks[:, at + 1 : at + 2].to(torch.int16)
+    return (low | (high << 8)).view(torch.float16).float()
 
 
 def split_bits(b: torch.Tensor, width: int) -> torch.Tensor:
@@ -54,6 +56,12 @@ class BlockCodec(Codec):
     def dequantize_into(self, qt: QuantizedTensor, out: torch.Tensor) -> None:
         blocks = qt.data.reshape(-1, self.type_size)
         fill_by_chunks(out.view(-1, self.block_size), lambda a, b: self.decode(blocks[a:b]))
+
+    def operands(self, qt: QuantizedTensor) -> tuple[torch.Tensor, ...]:
+        return (qt.data.reshape(-1, self.type_size),)
+
+    def values(self, *operands: torch.Tensor) -> torch.Tensor:
+        return self.decode(*operands)
 
 
 class QuantizingBlockCodec(BlockCodec):

@@ -36,7 +36,14 @@ class Fp8Codec(Codec):
             return
         rows = qt.data.reshape(-1, qt.shape[-1])
         scale = qt.scale.reshape(())
-        fill_by_chunks(out.view(rows.shape), lambda a, b: rows[a:b].float() * scale)
+        fill_by_chunks(out.view(rows.shape), lambda a, b: self.values(rows[a:b], scale))
+
+    def operands(self, qt: QuantizedTensor) -> tuple[torch.Tensor, ...]:
+        flat = qt.data.reshape(-1)
+        return (flat,) if qt.scale is None else (flat, qt.scale.reshape(()))
+
+    def values(self, data: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        return data.float() if scale is None else data.float() * scale
 
     def quantize(self, tensor: torch.Tensor) -> QuantizedTensor:
         values = tensor.detach().float()

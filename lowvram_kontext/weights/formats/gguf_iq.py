@@ -14,35 +14,41 @@ from __future__ import annotations
 
 import torch
 
-from .base import code_table, register
+from .base import QuantizedTensor, code_table, register
 from .blocks import BlockCodec, half, split_bits
 
 LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
-def _levels(codes: torch.Tensor) -> torch.Tensor:
-    return code_table(LEVELS, codes.device)[codes.long()]
+class LevelCodec(BlockCodec):
+    """A block format whose 4-bit codes index ``LEVELS``; ``values`` takes the table as an operand."""
+
+    def operands(self, qt: QuantizedTensor) -> tuple[torch.Tensor, ...]:
+        return (*super().operands(qt), code_table(LEVELS, qt.device))
+
+    def decode(self, blocks: torch.Tensor) -> torch.Tensor:
+        return self.values(blocks, code_table(LEVELS, blocks.device))
 
 
-class IQ4_NLCodec(BlockCodec):
+class IQ4_NLCodec(LevelCodec):
     name = "IQ4_NL"
     half_fields = (0,)
 
-    def decode(self, blocks: torch.Tensor) -> torch.Tensor:
-        return half(blocks, 0) * _levels(split_bits(blocks[:, 2:18], 4).reshape(-1, 32))
+    def values(self, blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return half(blocks, 0) * table[split_bits(blocks[:, 2:18], 4).reshape(-1, 32).long()]
 
 
-class IQ4_XSCodec(BlockCodec):
+class IQ4_XSCodec(LevelCodec):
     name = "IQ4_XS"
     half_fields = (0,)
 
-    def decode(self, blocks: torch.Tensor) -> torch.Tensor:
+    def values(self, blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
         low_bits = split_bits(blocks[:, 4:8], 4).transpose(1, 2).reshape(n, 8)
         top_bits = split_bits(blocks[:, 2:4], 2).transpose(1, 2).reshape(n, 8)
         scale = half(blocks, 0) * ((low_bits | (top_bits << 4)).float() - 32)
-        values = _levels(split_bits(blocks[:, 8:].reshape(n, 8, 16), 4).reshape(n, 8, 32))
-        return (scale.unsqueeze(-1) * values).reshape(n, 256)
+        codes = split_bits(blocks[:, 8:].reshape(n, 8, 16), 4).reshape(n, 8, 32)
+        return (scale.unsqueeze(-1) * table[codes.long()]).reshape(n, 256)
 
 
 register(IQ4_NLCodec())

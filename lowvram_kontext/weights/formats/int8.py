@@ -26,8 +26,14 @@ class Int8Codec(Codec):
         )
 
     def dequantize_into(self, qt: QuantizedTensor, out: torch.Tensor) -> None:
-        rows = qt.data.reshape(qt.shape[0], -1)
-        fill_by_chunks(out.view(rows.shape), lambda a, b: rows[a:b].float() * qt.scale[a:b, None])
+        rows, scale = self.operands(qt)
+        fill_by_chunks(out.view(rows.shape), lambda a, b: self.values(rows[a:b], scale[a:b]))
+
+    def operands(self, qt: QuantizedTensor) -> tuple[torch.Tensor, ...]:
+        return qt.data.reshape(qt.shape[0], -1), qt.scale
+
+    def values(self, rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return rows.float() * scale[:, None]
 
     def quantize(self, tensor: torch.Tensor) -> QuantizedTensor:
         rows = tensor.detach().float().reshape(tensor.shape[0], -1)

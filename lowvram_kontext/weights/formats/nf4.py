@@ -57,15 +57,16 @@ class NF4Codec(Codec):
         )
 
     def dequantize_into(self, qt: QuantizedTensor, out: torch.Tensor) -> None:
-        packed = qt.data.reshape(-1, BLOCK // 2)
-        table = code_table(LEVELS, qt.device)
+        packed, absmax, table = self.operands(qt)
+        fill_by_chunks(out.view(-1, BLOCK), lambda a, b: self.values(packed[a:b], absmax[a:b], table))
 
-        def block_values(start: int, stop: int) -> torch.Tensor:
-            pairs = packed[start:stop]
-            codes = torch.stack([pairs >> 4, pairs & 0x0F], dim=-1).reshape(-1, BLOCK)
-            return table[codes.long()] * qt.absmax[start:stop, None]
+    def operands(self, qt: QuantizedTensor) -> tuple[torch.Tensor, ...]:
+        return qt.data.reshape(-1, BLOCK // 2), qt.absmax, code_table(LEVELS, qt.device)
 
-        fill_by_chunks(out.view(-1, BLOCK), block_values)
+    def values(self, packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        shifts = torch.arange(4, -1, -4, dtype=torch.uint8, device=packed.device)  # high nibble first
+        codes = ((packed.unsqueeze(-1) >> shifts) & 0x0F).reshape(-1, BLOCK)
+        return table[codes.long()] * absmax[:, None]
 
     def quantize(self, tensor: torch.Tensor) -> QuantizedTensor:
         shape = tensor.shape

@@ -23,6 +23,12 @@ class PlainCodec(Codec):
     def dequantize_into(self, qt: QuantizedTensor, out: torch.Tensor) -> None:
         out.copy_(qt.data)
 
+    def operands(self, qt: QuantizedTensor) -> tuple[torch.Tensor, ...]:
+        return (qt.data.reshape(-1),)
+
+    def values(self, data: torch.Tensor) -> torch.Tensor:
+        return data.float()
+
     def quantize(self, tensor: torch.Tensor) -> QuantizedTensor:
         return QuantizedTensor(self.name, tensor.shape, tensor.detach().to(self.dtype).contiguous())
 

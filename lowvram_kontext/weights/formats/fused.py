@@ -1,0 +1,156 @@
+"""The fast route of ``QuantizedTensor.dequantize`` for CUDA payloads: one kernel per tensor.
+
+Two kinds of kernel, chosen per format by ``default_route``:
+
+- ``compiled``: ``torch.compile`` of the format's whole-tensor ``Codec.values`` followed by the store
+  into ``out``, so Inductor makes one Triton kernel that writes ``out`` in place. The row dimension of
+  the operands and of ``out`` is marked dynamic, so all the matrix shapes of a model share one graph
+  per format and output dtype; each format gets a function with its own code object, so its graphs
+  never count against another format's recompile limit. Taken for plain dtype changes, fp8, nf4 and
+  Q8_0.
+- ``kernel``: a hand-written Triton kernel (``triton_kernels``) for the formats whose bit layouts make
+  Inductor's one-thread-per-value kernel bound by integer arithmetic rather than memory: the GGUF
+  4/5-bit, IQ4 and K types, and int8 (whose varying row width Inductor would divide by per value).
+
+Both compute in float32 with the same operations as the chunked PyTorch path and round once, so the
+results are bit-identical to it. ``set_fused(False)`` or ``LOWVRAM_KONTEXT_FUSED=0`` turns the route
+off; without Triton (which both need) it is off too. Nothing is compiled, and Triton is not imported,
+before a CUDA payload is dequantized.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from functools import cache
+from importlib.util import find_spec
+
+import torch
+
+from .base import Codec, QuantizedTensor, codec
+from .plain import PlainCodec
+
+ROUTES = ("compiled", "kernel")
+
+# The torch.compile backend of the compiled route (tests use a lighter one on the CPU).
+BACKEND = "inductor"
+
+_enabled = os.environ.get("LOWVRAM_KONTEXT_FUSED", "1") != "0"
+_compiled: dict[str, Callable[..., None]] = {}
+_compile_counts: Counter[str] = Counter()
+_failed: set[tuple[str, str]] = set()
+
+
+def set_fused(enabled: bool) -> None:
+    """Turn the fused CUDA route on or off for this process (the default comes from the environment)."""
+    global _enabled
+    _enabled = enabled
+
+
+def fused_enabled() -> bool:
+    return _enabled
+
+
+@cache
+def available() -> bool:
+    """Whether the fused route can run here: CUDA and Triton are both present."""
+    return torch.cuda.is_available() and find_spec("triton") is not None
+
+
+def _kernels() -> types.ModuleType:
+    from . import triton_kernels  # imports Triton: only ever reached for CUDA payloads
+
+    return triton_kernels
+
+
+def default_route(qt: QuantizedTensor, out: torch.Tensor) -> str | None:
+    """The route ``dequantize`` takes for ``qt`` into ``out``, or None where the PyTorch path is as good."""
+    fmt = codec(qt.format)
+    if type(fmt).values is Codec.values or out.numel() == 0:
+        return None
+    if isinstance(fmt, PlainCodec) and qt.data.dtype == out.dtype:
+        return None  # a plain copy is already one memcpy
+    if qt.format in _kernels().FORMATS and out.numel() < 2**31:  # the kernels index with int32
+        return "kernel"
+    return "compiled"
+
+
+def dequantize_into(qt: QuantizedTensor, out: torch.Tensor, route: str | None = None) -> bool:
+    """Write ``qt`` into the contiguous ``out`` by a fused route; False where none was taken.
+
+    With ``route`` None this is ``dequantize``'s hook: it applies only to CUDA payloads with fusing on
+    and Triton present, takes ``default_route``, and falls back (False, with one warning) when that
+    route fails for the format. A named route (``"compiled"`` or ``"kernel"``) is always taken and
+    its errors propagate: benchmarks and tests use it.
+    """
+    if route is None:
+        if not (_enabled and qt.data.is_cuda and available()):
+            return False
+        route = default_route(qt, out)
+        if route is None or (qt.format, route) in _failed:
+            return False
+        try:
+            _run(route, qt, out)
+        except Exception as error:  # whatever a compiler raises, the PyTorch path still works
+            _failed.add((qt.format, route))
+            warnings.warn(
+                f"fused {route} dequantization of {qt.format} failed ({type(error).__name__}: {error}); "
+                "using the PyTorch path for this format",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        return True
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    _run(route, qt, out)
+    return True
+
+
+def _run(route: str, qt: QuantizedTensor, out: torch.Tensor) -> None:
+    if route == "kernel":
+        _kernels().dequantize_into(qt, out)
+    else:
+        _compiled_into(qt, out)
+
+
+def compile_count(format: str) -> int:
+    """How many graphs the compiled route has compiled for ``format`` in this process (all dtypes)."""
+    return _compile_counts[format]
+
+
+def _compiled_into(qt: QuantizedTensor, out: torch.Tensor) -> None:
+    operands = codec(qt.format).operands(qt)
+    rows = operands[0].shape[0]
+    target = out.view(-1) if operands[0].dim() == 1 else out.view(rows, -1)
+    for t in (target, *operands):
+        if t.dim() and t.shape[0] == rows:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+    _compiled_function(qt.format)(target, *operands)
+
+
+def _writer(values: Callable[..., torch.Tensor]) -> Callable[..., None]:
+    def write(out: torch.Tensor, *operands: torch.Tensor) -> None:
+        out.copy_(values(*operands))
+
+    return write
+
+
+def _compiled_function(format: str) -> Callable[..., None]:
+    found = _compiled.get(format)
+    if found is None:
+        template = _writer(codec(format).values)
+        # Dynamo keeps its compiled graphs (and its recompile limit) per code object.
+        code = template.__code__.replace(co_name=f"dequantize_{format}")
+        write = types.FunctionType(code, template.__globals__, code.co_name, None, template.__closure__)
+        backend = torch._dynamo.lookup_backend(BACKEND)
+
+        def counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+            _compile_counts[format] += 1
+            return backend(gm, example_inputs)
+
+        found = _compiled[format] = torch.compile(write, backend=counting_backend, fullgraph=True)
+    return found
