@@ -2,24 +2,49 @@
 
 The tensors have the real names, shapes and storage dtypes, so loading, quantizing and streaming
 cost what they cost with the published files; only the values are random (fixed seed).
+
+``write_synthetic`` writes a component in bf16, as published. ``write_synthetic_stored`` writes the
+transformer or T5 with its block weights already in a storage format, in the files ``quantize``
+writes (GGUF for the GGUF block types, else safetensors described by ``files.QUANTIZED_KEY``), but
+without quantizing anything: the payloads are random bytes of the right kinds and sizes (see
+``random_stored``), so a 12B model in any format is written in minutes on a CPU. ``synthetic_model``
+gathers one model's files under a folder, writing each (component, format) once.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .errors import KontextError
 from .models.autoencoder import AutoEncoderConfig
 from .models.clip import CLIPTextConfig
 from .models.flux import FluxConfig
 from .models.t5 import T5Config
-from .tiny import random_weight
-from .weights.loading import COMPONENTS
+from .pipeline import ModelPaths
+from .tiny import TINY_CLIP_WIDTH, TINY_FLUX, TINY_T5_WIDTH, TINY_VAE, random_weight
+from .tiny_tokenizers import write_tiny_clip_tokenizer, write_tiny_t5_tokenizer
+from .weights.convert import GGUF_ARCH, canonical_format, writes_gguf
+from .weights.files import QUANTIZED_KEY, t5_name_to_gguf
+from .weights.formats import BlockCodec, PlainCodec, QuantizedTensor, codec, random_blocks
+from .weights.formats.fp8 import Fp8Codec
+from .weights.formats.int8 import Int8Codec
+from .weights.formats.nf4 import BLOCK as NF4_BLOCK
+from .weights.formats.nf4 import NF4Codec
+from .weights.gguf_file import write_gguf
+from .weights.loading import COMPONENTS, compressible_weights
 from .weights.safetensors_file import write_safetensors_streaming
 
 DEFAULT_DTYPE = torch.bfloat16
 FULL_SIZE = {"transformer": FluxConfig, "t5": T5Config, "clip": CLIPTextConfig, "vae": AutoEncoderConfig}
+# What a profile's format "file" (keep the file's own storage) is given: the GGUF types most often
+# downloaded for 8 GB cards (city96's Q4_K transformer, a Q8_0 T5-XXL encoder).
+FILE_FORMATS = {"transformer": "Q4_K", "t5": "Q8_0"}
+STORABLE = tuple(FILE_FORMATS)
 
 
 def write_synthetic(component: str, path: Path, config: object | None = None, seed: int = 0) -> Path:
@@ -35,3 +60,203 @@ def write_synthetic(component: str, path: Path, config: object | None = None, se
     )
     return Path(path)
 
+
+def random_stored(fmt: str, shape: tuple[int, ...], generator: torch.Generator) -> QuantizedTensor:
+    """A random matrix of ``shape`` held in ``fmt``, its payload sized like a trained layer's.
+
+    A trained weight has a spread of about sigma = 1 / sqrt(fan-in). nf4: random codes, each block's
+    absmax 2 to 3 sigma (the largest of 64 normal draws); int8: random codes, per-row scales about
+    sigma / 127; fp8: normal draws spanning the fp8 range, with the per-tensor scale that maps them
+    back to sigma; GGUF block types: ``random_blocks``; plain formats: normal draws of spread sigma.
+    """
+    found = codec(fmt)
+    size = torch.Size(shape)
+    problem = found.shape_problem(size)
+    if problem:
+        raise KontextError(f"cannot store a tensor of shape {list(shape)} as {fmt}: {problem}")
+    sigma = 1 / math.sqrt(math.prod(shape[1:]))
+    if isinstance(found, BlockCodec):
+        return random_blocks(fmt, shape, generator)
+    if isinstance(found, NF4Codec):
+        data = torch.randint(0, 256, (*shape[:-1], shape[-1] // 2), dtype=torch.uint8, generator=generator)
+        absmax = sigma * (2 + torch.rand(size.numel() // NF4_BLOCK, generator=generator))
+        return QuantizedTensor(fmt, size, data, absmax=absmax)
+    if isinstance(found, Int8Codec):
+        data = torch.randint(-127, 128, shape, dtype=torch.int8, generator=generator)
+        scale = sigma / 127 * (0.75 + 0.5 * torch.rand(shape[0], generator=generator))
+        return QuantizedTensor(fmt, size, data, scale=scale)
+    if isinstance(found, Fp8Codec):
+        spread = torch.finfo(found.dtype).max / 4  # four standard deviations reach the largest value
+        values = torch.randn(shape, generator=generator).clamp_(-4, 4).mul_(spread)
+        return QuantizedTensor(fmt, size, values.to(found.dtype), scale=torch.tensor([sigma / spread]))
+    if isinstance(found, PlainCodec):
+        return QuantizedTensor(fmt, size, torch.empty(shape, dtype=found.dtype).normal_(0, sigma, generator=generator))
+    raise KontextError(f"no synthetic weights for format {fmt}")
+
+
+def stored_format(component: str, fmt: str) -> str:
+    """The format a synthetic ``component`` is written in for a profile asking for ``fmt``."""
+    return FILE_FORMATS[component] if fmt == "file" else canonical_format(fmt)
+
+
+def write_synthetic_stored(component: str, path: Path, fmt: str, config: object | None = None, seed: int = 0) -> Path:
+    """Write the transformer or T5 with its block weights in ``fmt`` (random payloads, never quantized).
+
+    Everything else (embedders, norms, biases, matrices the format cannot hold) is random bf16, or
+    as published GGUF files hold it in a GGUF file: vectors float32, matrices bf16.
+    """
+    if component not in STORABLE:
+        raise KontextError(f"only the {' and '.join(STORABLE)} are written in a storage format")
+    spec = COMPONENTS[component]
+    with torch.device("meta"):
+        model = spec.model(config if config is not None else FULL_SIZE[component]())
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    in_format = {
+        name
+        for name in compressible_weights(model, spec.block_prefixes)
+        if codec(fmt).shape_problem(torch.Size(shapes[name])) is None
+    }
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(name: str) -> QuantizedTensor | torch.Tensor:
+        if name in in_format:
+            return random_stored(fmt, shapes[name], generator)
+        return random_weight(name, shapes[name], generator, DEFAULT_DTYPE)
+
+    if writes_gguf(fmt):
+        _write_gguf_file(component, Path(path), shapes, make)
+    else:
+        _write_stored_safetensors(component, Path(path), fmt, shapes, in_format, make)
+    return Path(path)
+
+
+def _write_gguf_file(
+    component: str,
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    make: Callable[[str], QuantizedTensor | torch.Tensor],
+) -> None:
+    """One GGUF file, every tensor made in memory first (``write_gguf`` takes them at once): 7 GB at 4 bits."""
+    rename = t5_name_to_gguf if component == "t5" else str
+    tensors: dict[str, QuantizedTensor] = {}
+    for name, shape in shapes.items():
+        held = make(name)
+        if isinstance(held, torch.Tensor):
+            plain = "F32" if held.ndim == 1 else "BF16"
+            held = QuantizedTensor(plain, torch.Size(shape), held.to(codec(plain).dtype))
+        tensors[rename(name)] = held
+    write_gguf(path, GGUF_ARCH[component], tensors, {"general.name": "synthetic random weights"})
+
+
+def payload_layout(fmt: str, shape: tuple[int, ...]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The dtype and shape of each payload field of a ``shape`` matrix in ``fmt`` (as the codec checks them)."""
+    found = codec(fmt)
+    size = torch.Size(shape)
+    if isinstance(found, NF4Codec):
+        return {
+            "data": (torch.uint8, (*shape[:-1], shape[-1] // 2)),
+            "absmax": (torch.float32, (size.numel() // NF4_BLOCK,)),
+        }
+    if isinstance(found, Int8Codec):
+        return {"data": (torch.int8, tuple(shape)), "scale": (torch.float32, (shape[0],))}
+    if isinstance(found, Fp8Codec):
+        return {"data": (found.dtype, tuple(shape)), "scale": (torch.float32, (1,))}
+    if isinstance(found, PlainCodec):
+        return {"data": (found.dtype, tuple(shape))}
+    if isinstance(found, BlockCodec):
+        return {"data": (torch.uint8, found.byte_shape(size))}
+    raise KontextError(f"no synthetic weights for format {fmt}")
+
+
+def _write_stored_safetensors(
+    component: str,
+    path: Path,
+    fmt: str,
+    shapes: dict[str, tuple[int, ...]],
+    in_format: set[str],
+    make: Callable[[str], QuantizedTensor | torch.Tensor],
+) -> None:
+    """One tensor at a time; a compressed weight's payload is ``NAME`` (data) and ``NAME.FIELD`` (the rest)."""
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    for name, shape in shapes.items():
+        if name not in in_format:
+            entries.append((name, DEFAULT_DTYPE, shape))
+            continue
+        for field, (dtype, field_shape) in payload_layout(fmt, shape).items():
+            entries.append((name if field == "data" else f"{name}.{field}", dtype, field_shape))
+    pending: dict[str, torch.Tensor] = {}  # the other fields of the weight just made, written next
+
+    def tensor(key: str) -> torch.Tensor:
+        if key in pending:
+            return pending.pop(key)
+        held = make(key)
+        if isinstance(held, torch.Tensor):
+            return held
+        pending.update({f"{key}.{field}": t for field, t in held.tensors().items() if field != "data"})
+        return held.data
+
+    metadata = {"lowvram_kontext.component": component, "lowvram_kontext.format": fmt, "synthetic": "random"}
+    if not isinstance(codec(fmt), PlainCodec):
+        described = {name: {"format": fmt, "shape": list(shapes[name])} for name in sorted(in_format)}
+        metadata[QUANTIZED_KEY] = json.dumps(described)
+    write_safetensors_streaming(path, entries, tensor, metadata)
+
+
+def synthetic_model(
+    root: Path,
+    transformer_format: str,
+    t5_format: str,
+    small: bool = False,
+    seed: int = 0,
+    on_write: Callable[[Path], None] = lambda _: None,
+) -> ModelPaths:
+    """One synthetic model's files under ``root``; ``on_write(path)`` is told before each file is written.
+
+    The transformer and T5 are in the given formats (a profile's; "file" as ``FILE_FORMATS`` says),
+    CLIP and the VAE in bf16, plus the tiny tokenizers: their ids lie below every vocabulary, which
+    is all timing needs. ``small``: ``tiny``'s sizes, with the tokenizers' vocabularies. Each file
+    is written only when missing (all writes are atomic), so models sharing a format share its file.
+    """
+    folder = Path(root) / ("small" if small else "full")
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizers = folder / "tokenizers"
+    vocab_file = tokenizers / "vocab_sizes.json"  # written last: its presence marks the folder complete
+    if not vocab_file.exists():
+        on_write(tokenizers)
+        vocab = {
+            "clip": write_tiny_clip_tokenizer(tokenizers / "tokenizer"),
+            "t5": write_tiny_t5_tokenizer(tokenizers / "tokenizer_2"),
+        }
+        vocab_file.write_text(json.dumps(vocab) + "\n")
+    vocab = json.loads(vocab_file.read_text())
+
+    def ensure(path: Path, write: Callable[[Path], object]) -> Path:
+        if not path.exists():
+            on_write(path)
+            write(path)
+        return path
+
+    def config(component: str) -> object:
+        if not small:
+            return FULL_SIZE[component]()
+        return {
+            "transformer": TINY_FLUX,
+            "t5": T5Config(vocab_size=vocab["t5"], **TINY_T5_WIDTH),
+            "clip": CLIPTextConfig(vocab_size=vocab["clip"], eos_token_id=vocab["clip"] - 1, **TINY_CLIP_WIDTH),
+            "vae": TINY_VAE,
+        }[component]
+
+    files: dict[str, Path] = {}
+    for component, asked in (("transformer", transformer_format), ("t5", t5_format)):
+        fmt = stored_format(component, asked)
+        suffix = ".gguf" if writes_gguf(fmt) else ".safetensors"
+        files[component] = ensure(
+            folder / f"{component}-{fmt}{suffix}",
+            lambda path, c=component, f=fmt: write_synthetic_stored(c, path, f, config(c), seed),
+        )
+    for component in ("clip", "vae"):
+        files[component] = ensure(
+            folder / f"{component}-bf16.safetensors",
+            lambda path, c=component: write_synthetic(c, path, config(c), seed),
+        )
+    return ModelPaths(tokenizers=tokenizers, **files)

@@ -1,0 +1,515 @@
+"""The benchmark: each profile's measured speed and memory on synthetic weights, against its plan.
+
+For each profile, the model's files are written once in the formats it asks for (random weights of
+the real shapes, see ``synthetic``), the planner makes its plan for the card (or for the VRAM
+budget, which also caps the allocator), and one whole edit runs through the pipeline: CLIP, T5, VAE
+encode, warm-up and timed transformer steps, VAE decode. Everything is released before the next
+profile. A streamed profile brings its resident twin (the same transformer format with every block
+resident) into the same run, so each row says how far streaming is from keeping everything on the
+card, and from the physical floor: the slower of the resident compute and the streamed bytes over
+the measured host-to-device rate.
+
+Measured peaks are the allocator's (``max_memory_allocated`` per stage, without the CUDA context);
+predicted peaks are compared on the same footing (the plan's stage peak minus its CUDA context
+term). The process's whole device memory (NVML, context included) is sampled at each stage's end
+and after each sampling step. Without CUDA everything runs on the CPU and GPU-only fields are null.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from . import sampling
+from .demo import demo_image
+from .errors import KontextError
+from .hardware import GIB, MIB, Machine, cap_allocator, detect, process_vram_bytes
+from .pipeline import KontextPipeline, ModelPaths, default_dtype
+from .planner import ModelSizes, Plan, Profile, load_profiles, plan
+from .progress import Progress
+from .synthetic import stored_format, synthetic_model
+
+PROMPT = "Add a small red hat to the cat"
+GUIDANCE = 2.5
+SEED = 0
+STAGES = ("clip", "t5", "vae_encode", "transformer", "vae_decode")
+CONTEXT_TERM = "CUDA context"  # the plan's term for what lives outside the allocator
+RSS_INTERVAL_S = 0.01
+LINE_STYLES = ("--", "-.", ":")
+PEER_COLORS = ("tab:gray", "tab:purple", "tab:orange")
+# Other runtimes on one H200 (see DESIGN.md, "Measuring"): (label, seconds per step, peak GiB or None)
+# per output size, full-size model.
+PEERS: dict[tuple[int, int], tuple[tuple[str, float, float | None], ...]] = {
+    (1024, 1024): (
+        ("diffusers group offload (bf16)", 0.578, 2.1),
+        ("resident bf16 (peer)", 0.366, 23.1),
+        ("resident NF4, bitsandbytes (peer)", 0.375, 6.7),
+    ),
+    (512, 512): (
+        ("diffusers group offload (bf16)", 0.527, None),
+        ("resident bf16 (peer)", 0.092, None),
+        ("resident NF4, bitsandbytes (peer)", 0.106, None),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to run: ``profiles`` (empty: all), a VRAM budget (None: the whole card), the edit's size."""
+
+    profiles: tuple[str, ...]
+    budget_bytes: int | None
+    cache_dir: Path
+    width: int = 1024
+    height: int = 1024
+    steps: int = 4
+    warmup: int = 1
+    small: bool = False
+
+
+@dataclass
+class Row:
+    """One profile's run: its plan's predictions and what was measured (None where not measured)."""
+
+    profile: str
+    format: str  # the transformer's storage format
+    t5_format: str
+    reference: bool  # run as a streamed profile's resident twin
+    budget_bytes: int | None  # the VRAM budget it ran under; None: the whole card
+    budget_lifted: bool  # a reference run lifted above --vram-budget, which it does not fit
+    width: int
+    height: int
+    tokens: dict[str, int]
+    resident_blocks: int
+    streamed_blocks: int
+    completed: bool = False
+    error: str | None = None
+    predicted_peak_bytes: dict[str, int] = field(default_factory=dict)  # per stage, as planned (context included)
+    predicted_allocator_bytes: dict[str, int] = field(default_factory=dict)  # the same less the CUDA context
+    measured_peak_bytes: dict[str, int | None] = field(default_factory=dict)  # allocator peak per stage
+    process_vram_bytes: dict[str, int | None] = field(default_factory=dict)  # NVML, stage end / peak step
+    peak_error_pct: dict[str, float | None] = field(default_factory=dict)  # 100 (pred - meas) / meas; "peak": largest
+    predicted_seconds_per_step: float = 0.0
+    seconds_per_step: float | None = None  # median of the timed steps
+    step_seconds: list[float] = field(default_factory=list)  # the timed steps (after the warm-up)
+    warmup_seconds: list[float] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)
+    host_ram_peak_bytes: int | None = None
+    predicted_streamed_bytes_per_step: int = 0
+    bytes_streamed_per_step: int | None = None
+    h2d_gbps: float | None = None  # achieved by the block copies
+    resident_profile: str | None = None  # the resident twin it is compared with
+    ratio_to_resident: float | None = None
+    floor_seconds_per_step: float | None = None
+    ratio_to_floor: float | None = None
+
+    @property
+    def measured_peak(self) -> int | None:
+        """The largest stage's allocator peak."""
+        known = [v for v in self.measured_peak_bytes.values() if v is not None]
+        return max(known) if known else None
+
+    @property
+    def predicted_peak(self) -> int:
+        """The largest stage's predicted allocator peak (comparable with ``measured_peak``)."""
+        return max(self.predicted_allocator_bytes.values(), default=0)
+
+
+@dataclass
+class BenchReport:
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    rows: list[Row]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [asdict(r) for r in self.rows]
+        return {"machine": self.machine, "settings": self.settings, "rows": rows, "notes": self.notes}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def table(self) -> str:
+        """One line per profile, then the notes."""
+        header = (
+            f"{'profile':<14} {'format':<9} {'budget':>10} {'s/step':>8} {'x res':>6} {'x floor':>7} "
+            f"{'pred GiB':>8} {'meas GiB':>8} {'err %':>6} {'host GiB':>8} {'GB/step':>8} {'GB/s':>6}  status"
+        )
+        lines = [header]
+        for r in self.rows:
+            budget = "card" if r.budget_bytes is None else _size(r.budget_bytes)
+            streamed = None if r.bytes_streamed_per_step is None else r.bytes_streamed_per_step / 1e9
+            status = "ok" if r.completed else f"FAILED: {r.error}"
+            lines.append(
+                f"{r.profile:<14} {r.format:<9} {budget + ('*' if r.budget_lifted else ''):>10} "
+                f"{_num(r.seconds_per_step, 3):>8} {_num(r.ratio_to_resident, 2):>6} {_num(r.ratio_to_floor, 2):>7} "
+                f"{_gib(r.predicted_peak):>8} {_gib(r.measured_peak):>8} "
+                f"{_num(r.peak_error_pct.get('peak'), 1):>6} {_gib(r.host_ram_peak_bytes):>8} {_num(streamed, 3):>8} "
+                f"{_num(r.h2d_gbps, 1):>6}  {status}"
+            )
+        lines.append(
+            "pred/meas GiB: the largest stage's allocator peak, predicted (CUDA context excluded) and measured; "
+            "* budget lifted"
+        )
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB // 10 else f"{nbytes / MIB:.0f} MiB"
+
+
+def _gib(value: int | None) -> str:
+    return _num(None if value is None else value / GIB, 2)
+
+
+def _error_pct(predicted: int, measured: int | None) -> float | None:
+    return None if not measured else 100.0 * (predicted - measured) / measured
+
+
+class _PeakRss:
+    """The process's peak resident host memory while the block runs, sampled by a thread."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.peak = 0
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            if self._stop.wait(RSS_INTERVAL_S):
+                return
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Probe(Progress):
+    """Silent progress that samples the process's device memory when a stage ends and after each step."""
+
+    def __init__(self, device: torch.device, read: Callable[[], int | None]) -> None:
+        super().__init__(quiet=True, device=device)
+        self.read = read
+        self.stage_end: dict[str, int | None] = {}
+        self.steps: list[int | None] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        with super().stage(name):
+            yield
+        self.stage_end[name] = self.read()
+
+    def step(self, done: int, total: int) -> None:
+        super().step(done, total)
+        self.steps.append(self.read())
+
+
+def _vram_reader(device: torch.device) -> tuple[Callable[[], int | None], str | None]:
+    """How the process's device memory is read, and what it measures.
+
+    NVML's figure for this process when it answers; inside a container whose process ids NVML does
+    not see, the device's used memory (every process on it) instead. Nothing on a CPU.
+    """
+    if device.type != "cuda":
+        return (lambda: None), None
+    if process_vram_bytes(device) is not None:
+        return (lambda: process_vram_bytes(device)), "nvml process total"
+
+    def used() -> int:
+        free, total = torch.cuda.mem_get_info(device)
+        return total - free
+
+    return used, "device used (NVML could not see this process)"
+
+
+def _driver_version() -> str | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+    except pynvml.NVMLError:
+        return None
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+def resident_twin(profiles: dict[str, Profile], name: str) -> str | None:
+    """The profile keeping every block of ``name``'s transformer format resident (``resident-FORMAT`` first)."""
+    fmt = stored_format("transformer", profiles[name].transformer.format)
+    twins = sorted(
+        n for n, p in profiles.items()
+        if p.transformer.resident_blocks == "all" and stored_format("transformer", p.transformer.format) == fmt
+    )  # fmt: skip
+    preferred = f"resident-{fmt}"
+    return preferred if preferred in twins else (twins[0] if twins else None)
+
+
+class _Bench:
+    """One bench run: the machine, the profiles, and the rows measured so far."""
+
+    def __init__(self, settings: BenchSettings, say: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.say = say
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
+        if self.device.type == "cpu" and not settings.small:
+            raise KontextError("without a CUDA GPU the bench runs only the tiny model: pass --small")
+        self.cuda = self.device.type == "cuda"
+        self.dtype = default_dtype(self.device)
+        self.profiles = load_profiles()
+        unknown = [n for n in settings.profiles if n not in self.profiles]
+        if unknown:
+            raise KontextError(f"unknown profile {unknown[0]!r}; known profiles: {', '.join(sorted(self.profiles))}")
+        self.machine = detect(settings.cache_dir)
+        self.read_vram, self.vram_source = _vram_reader(self.device)
+        self.notes: list[str] = []
+
+    def card(self, profile: Profile, budget: int | None) -> tuple[Machine, int | None]:
+        """(the machine to plan for, the budget to enforce): the budget's card, else the whole GPU.
+
+        Without a GPU a card is hypothetical: the budget's, else the size the profile is meant for.
+        The tiny model (``small``) needs none of the host RAM a profile is meant for, so the host is
+        taken to have it.
+        """
+        machine = self.machine
+        if self.settings.small:
+            machine = machine.with_ram(max(machine.ram_total, int(profile.ram_gib * GIB)))
+        if budget is None and not self.cuda:
+            budget = int(profile.vram_gib * GIB)
+        return (machine if budget is None else machine.with_budget(budget)), budget
+
+    def schedule(self) -> list[tuple[str, bool]]:
+        """(profile, is a reference) in run order: the resident twins first, then the profiles asked for."""
+        names = list(self.settings.profiles or sorted(self.profiles))
+        twins: list[str] = []
+        for name in names:
+            twin = resident_twin(self.profiles, name)
+            if self.profiles[name].transformer.resident_blocks != "all" and twin and twin not in names + twins:
+                twins.append(twin)
+                self.notes.append(f"{twin} added as the resident reference of {name}")
+        return [(t, True) for t in twins] + [(n, False) for n in names]
+
+    def run(self) -> BenchReport:
+        rows = [self.run_profile(name, reference) for name, reference in self.schedule()]
+        self.compare(rows)
+        s = self.settings
+        settings = {
+            "profiles": [r.profile for r in rows], "budget_bytes": s.budget_bytes, "width": s.width,
+            "height": s.height, "steps": s.steps, "warmup": s.warmup, "small": s.small,
+            "synthetic_dir": str(s.cache_dir), "prompt": PROMPT, "guidance": GUIDANCE, "seed": SEED,
+        }  # fmt: skip
+        return BenchReport(self.machine_facts(), settings, rows, self.notes)
+
+    def machine_facts(self) -> dict[str, Any]:
+        m = self.machine
+        return {
+            "gpu": m.gpu_name, "driver": _driver_version() if self.cuda else None, "torch": torch.__version__,
+            "cuda": torch.version.cuda if self.cuda else None, "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "vram_total_bytes": m.vram_total or None,
+            "cuda_context_bytes": m.cuda_context_bytes if self.cuda else None,
+            "h2d_gbps": m.h2d_gbps, "ram_total_bytes": m.ram_total, "process_vram_source": self.vram_source,
+        }  # fmt: skip
+
+    def plan_for(self, name: str, reference: bool, sizes: ModelSizes) -> tuple[Plan, int | None, bool]:
+        """(plan, budget enforced, lifted): a reference that does not fit the budget runs on the card."""
+        s, profile = self.settings, self.profiles[name]
+        machine, budget = self.card(profile, s.budget_bytes)
+        result = plan(machine, self.profiles, s.width, s.height, sizes, name)
+        if not (reference and not result.fits and s.budget_bytes is not None):
+            return result, budget, False
+        machine, budget = self.card(profile, None)
+        lifted = plan(machine, self.profiles, s.width, s.height, sizes, name)
+        where = "the whole card" if budget is None else f"a {_size(budget)} card"
+        outcome = f"as a reference it runs on {where}" if lifted.fits else f"nor does it fit {where}"
+        self.notes.append(f"{name} does not fit the {_size(s.budget_bytes)} budget; {outcome}")
+        return lifted, budget, True
+
+    def run_profile(self, name: str, reference: bool) -> Row:
+        s, profile = self.settings, self.profiles[name]
+        try:
+            paths = synthetic_model(
+                s.cache_dir, profile.transformer.format, profile.t5.format, s.small,
+                on_write=lambda path: self.say(f"writing synthetic weights {path} (once)"),
+            )  # fmt: skip
+        except OSError as err:
+            raise KontextError(f"{s.cache_dir}: cannot write the synthetic weights ({err.strerror or err})") from None
+        sizes = ModelSizes.from_files(paths.transformer, paths.t5, paths.clip, paths.vae)
+        result, budget, lifted = self.plan_for(name, reference, sizes)
+        transformer = result.stage("transformer")
+        row = Row(
+            profile=name, format=transformer.format, t5_format=result.stage("t5").format, reference=reference,
+            budget_bytes=budget, budget_lifted=lifted, width=s.width, height=s.height,
+            tokens={"text": result.text_tokens, "image": result.image_tokens},
+            resident_blocks=transformer.resident_blocks, streamed_blocks=transformer.streamed_blocks,
+            predicted_peak_bytes={st.name: st.peak_bytes for st in result.stages},
+            predicted_allocator_bytes={st.name: st.peak_bytes - st.terms.get(CONTEXT_TERM, 0) for st in result.stages},
+            predicted_seconds_per_step=result.seconds_per_step,
+            predicted_streamed_bytes_per_step=transformer.streamed_bytes,
+        )  # fmt: skip
+        if not result.fits:
+            row.error = "the plan does not fit: " + "; ".join(result.why_not())
+        else:
+            self.measure(row, result, paths, sizes, budget)
+        self.say(f"{name}: " + (f"{row.seconds_per_step:.3f} s/step" if row.completed else f"failed: {row.error}"))
+        return row
+
+    def measure(self, row: Row, result: Plan, paths: ModelPaths, sizes: ModelSizes, budget: int | None) -> None:
+        """Run one edit under ``result`` and fill ``row``; running out of memory is recorded, not raised."""
+        s = self.settings
+        probe = _Probe(self.device, self.read_vram)
+        rss = _PeakRss()
+        pipeline: KontextPipeline | None = None
+        try:
+            if self.cuda and budget is not None:
+                cap_allocator(self.device, budget, self.machine.cuda_context_bytes)
+            with rss:
+                pipeline = KontextPipeline(paths, self.device, self.dtype, probe, plan=result, cache_dir=s.cache_dir)
+                _edit(pipeline, sizes, s)
+            row.completed = True
+        except (torch.OutOfMemoryError, KontextError) as exc:
+            row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        finally:
+            stats = pipeline.stats if pipeline is not None else None
+            if pipeline is not None:
+                pipeline.release()
+            del pipeline
+            self.release()
+        row.host_ram_peak_bytes = rss.peak
+        if stats is None:
+            return
+        row.warmup_seconds = stats.step_seconds[: s.warmup]
+        row.step_seconds = stats.step_seconds[s.warmup :]
+        if row.completed and row.step_seconds:
+            row.seconds_per_step = statistics.median(row.step_seconds)
+        row.stage_seconds, row.load_seconds = dict(stats.stage_seconds), dict(stats.load_seconds)
+        row.bytes_streamed_per_step, row.h2d_gbps = stats.bytes_streamed_per_step, stats.h2d_gbps
+        # Device figures: none on a CPU, where the pipeline records no peaks and the probe reads nothing.
+        peaks = {name: stats.stage_peak_bytes.get(name) for name in STAGES}
+        row.measured_peak_bytes = peaks
+        row.process_vram_bytes = {name: probe.stage_end.get(name) for name in STAGES}
+        steps = [b for b in probe.steps if b is not None]
+        row.process_vram_bytes["transformer"] = max(steps, default=row.process_vram_bytes["transformer"])
+        row.peak_error_pct = {name: _error_pct(row.predicted_allocator_bytes[name], peaks[name]) for name in STAGES}
+        row.peak_error_pct["peak"] = _error_pct(row.predicted_peak, row.measured_peak)
+
+    def release(self) -> None:
+        """Leave the device as the next profile should find it: empty, uncapped, peaks reset."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def compare(self, rows: list[Row]) -> None:
+        """Fill each row's ratios to its resident twin and to the physical floor."""
+        done = {r.profile: r for r in rows if r.completed and r.seconds_per_step}
+        link = self.machine.h2d_gbps
+        for row in rows:
+            row.resident_profile = resident_twin(self.profiles, row.profile)
+            twin = done.get(row.resident_profile or "")
+            if row.seconds_per_step is None or twin is None:
+                continue
+            resident = twin.seconds_per_step
+            row.ratio_to_resident = row.seconds_per_step / resident
+            streamed = row.bytes_streamed_per_step or 0
+            if streamed and not link:
+                continue
+            row.floor_seconds_per_step = max(resident, streamed / (link * 1e9) if streamed else 0.0)
+            row.ratio_to_floor = row.seconds_per_step / row.floor_seconds_per_step
+
+
+def _edit(pipeline: KontextPipeline, sizes: ModelSizes, s: BenchSettings) -> None:
+    """One whole edit, stage by stage, with ``s.warmup`` + ``s.steps`` sampling steps."""
+    embedding = pipeline.encode_prompt(PROMPT)
+    condition = pipeline.encode_condition(demo_image(), s.width, s.height)
+    noise = sampling.initial_noise(SEED, s.height, s.width, sizes.vae.z_channels, sizes.vae.downsample_factor)
+    latent = pipeline.sample(embedding, condition, noise, s.warmup + s.steps, GUIDANCE)
+    pipeline.decode(latent)
+
+
+def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda _: None) -> BenchReport:
+    """Measure every profile of ``settings``; ``say`` gets one line per file written and per profile."""
+    return _Bench(settings, say).run()
+
+
+def require_matplotlib() -> None:
+    """A clear error before any work when the plot cannot be drawn."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise KontextError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+
+
+def write_plot(report: BenchReport, path: Path) -> None:
+    """Seconds per step and peak memory per profile, with the resident references and peer figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.rows
+    names = [r.profile + (" (ref)" if r.reference else "") for r in rows]
+    x = range(len(rows))
+    settings = report.settings
+    peers = () if settings["small"] else PEERS.get((settings["width"], settings["height"]), ())
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(rows) + 4), 5.5))
+
+    speed.bar(
+        x, [r.seconds_per_step or 0 for r in rows], color=["tab:blue" if r.completed else "tab:red" for r in rows]
+    )
+    for i, r in enumerate(rows):
+        if not r.completed:
+            speed.annotate("failed", (i, 0), ha="center", va="bottom", color="tab:red")
+    references = [r for r in rows if r.reference and r.completed]
+    for i, r in enumerate(references):
+        style = LINE_STYLES[i % len(LINE_STYLES)]
+        speed.axhline(r.seconds_per_step, color="tab:green", linestyle=style, label=f"{r.profile} (this run)")
+    for i, (label, seconds, _) in enumerate(peers):
+        speed.axhline(seconds, color=PEER_COLORS[i % len(PEER_COLORS)], linestyle=":", label=label)
+    speed.set_ylabel("seconds per transformer step (median)")
+
+    predicted = [r.predicted_peak / GIB for r in rows]
+    measured = [(r.measured_peak or 0) / GIB for r in rows]
+    memory.bar([i - 0.2 for i in x], predicted, width=0.4, label="predicted", color="tab:gray")
+    if any(measured):
+        memory.bar([i + 0.2 for i in x], measured, width=0.4, label="measured", color="tab:blue")
+    for i, (label, _, gib) in enumerate(peers):
+        if gib is not None:
+            memory.axhline(gib, color=PEER_COLORS[i % len(PEER_COLORS)], linestyle=":", label=label)
+    memory.set_ylabel("peak allocated GiB (largest stage, CUDA context excluded)")
+
+    where = report.machine["gpu"] or "CPU"
+    size = "tiny model" if settings["small"] else "full-size model"
+    for ax in (speed, memory):
+        ax.set_xticks(list(x), names, rotation=30, ha="right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle(f"{where}, {size}, {settings['width']}x{settings['height']}, synthetic weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

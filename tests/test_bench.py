@@ -1,0 +1,206 @@
+"""The bench on the tiny model (CPU): rows against plans, resident twins, JSON, table, plot, file reuse, failures."""
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowvram_kontext import bench
+from lowvram_kontext.cli import main
+from lowvram_kontext.models.t5 import T5Config
+from lowvram_kontext.pipeline import KontextPipeline
+from lowvram_kontext.planner import PROFILES_ENV, load_profiles
+from lowvram_kontext.synthetic import payload_layout, random_stored, write_synthetic_stored
+from lowvram_kontext.tiny import TINY_T5_WIDTH
+from lowvram_kontext.weights.compressed_linear import CompressedLinear
+from lowvram_kontext.weights.loading import load_component
+
+SIZE = 32
+ARGS = ["bench", "--synthetic", "--small", "--width", str(SIZE), "--height", str(SIZE), "--steps", "2", "--warmup", "1"]
+STREAMED = "streamed-nf4"
+# Every transformer block streamed, T5 as resident-nf4 holds it (so both share the synthetic files).
+STREAMED_PROFILE = f"""
+name = "{STREAMED}"
+description = "every transformer block streamed"
+vram_gib = 4
+ram_gib = 8
+[transformer]
+format = "nf4"
+resident_blocks = 0
+prefetch = 1
+host = "pinned"
+[t5]
+format = "nf4"
+resident_blocks = "all"
+prefetch = 0
+host = "pinned"
+[clip]
+format = "bf16"
+[vae]
+tile = "never"
+[memory]
+pinned_cap_gib = 1
+margin_gib = 0.1
+"""
+
+
+@pytest.fixture
+def streamed_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / f"{STREAMED}.toml").write_text(STREAMED_PROFILE)
+    monkeypatch.setenv(PROFILES_ENV, str(folder))
+    return STREAMED
+
+
+def _files(folder: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_bench_measures_each_profile_and_its_resident_twin(
+    tmp_path: Path, streamed_profile: str, capsys: pytest.CaptureFixture
+) -> None:
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = [*ARGS, "--profiles", streamed_profile, "--json", str(out), "--cache-dir", str(tmp_path)]
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None  # optional: no plot without it
+    assert main(argv + (["--plot", str(plot)] if has_matplotlib else [])) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    rows = {r["profile"]: r for r in report["rows"]}
+    assert list(rows) == ["resident-nf4", streamed_profile]  # the twin added, and run first
+    assert all(r["completed"] and r["error"] is None for r in rows.values())
+
+    resident, streamed = rows["resident-nf4"], rows[streamed_profile]
+    assert resident["reference"] and not streamed["reference"]
+    assert resident["format"] == streamed["format"] == "nf4"
+    assert (streamed["resident_blocks"], streamed["streamed_blocks"]) == (0, 5)
+    assert resident["bytes_streamed_per_step"] == 0
+    # The engine copies every block once per step: what the plan counted, plus alignment padding.
+    assert streamed["bytes_streamed_per_step"] >= streamed["predicted_streamed_bytes_per_step"] > 0
+    assert streamed["bytes_streamed_per_step"] < 1.02 * streamed["predicted_streamed_bytes_per_step"]
+    for row in rows.values():
+        assert len(row["warmup_seconds"]) == 1 and len(row["step_seconds"]) == 2
+        assert row["seconds_per_step"] == statistics.median(row["step_seconds"])
+        assert set(row["load_seconds"]) == {"clip", "t5", "vae", "transformer"}
+        assert set(row["stage_seconds"]) == set(row["predicted_peak_bytes"]) == set(bench.STAGES)
+        assert row["tokens"] == {"text": 512, "image": 2 * (SIZE // 16) ** 2}
+        assert row["host_ram_peak_bytes"] > 0
+        assert row["budget_bytes"] is not None and not row["budget_lifted"]  # each profile's own card
+        # GPU-only figures are null on a CPU.
+        assert set(row["measured_peak_bytes"].values()) == set(row["process_vram_bytes"].values()) == {None}
+        assert row["h2d_gbps"] is None and row["peak_error_pct"]["peak"] is None
+    assert resident["ratio_to_resident"] == 1.0 and resident["ratio_to_floor"] == 1.0
+    assert streamed["resident_profile"] == "resident-nf4"
+    assert streamed["ratio_to_resident"] == pytest.approx(streamed["seconds_per_step"] / resident["seconds_per_step"])
+    assert streamed["floor_seconds_per_step"] is None  # streamed bytes and no measured link
+    assert report["machine"]["gpu"] is None and report["machine"]["torch"] == torch.__version__
+    assert report["settings"]["steps"] == 2 and report["settings"]["small"]
+
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["profile", "format", "budget", "s/step"]
+    assert [line.split()[0] for line in lines[1:3]] == ["resident-nf4", streamed_profile]
+    assert f"{streamed['seconds_per_step']:.3f}" in lines[2]
+    assert f"note: resident-nf4 added as the resident reference of {streamed_profile}" in lines
+    if has_matplotlib:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_synthetic_files_are_reused_and_a_profile_that_cannot_fit_is_a_failed_row(
+    tmp_path: Path, streamed_profile: str, capsys: pytest.CaptureFixture
+) -> None:
+    cache = tmp_path / "synthetic"
+    assert main([*ARGS, "--profiles", "resident-nf4", "--cache-dir", str(cache)]) == 0
+    assert "writing synthetic weights" in capsys.readouterr().err
+    written = _files(cache)
+    assert {p.name for p in written} >= {
+        "transformer-nf4.safetensors", "t5-nf4.safetensors", "clip-bf16.safetensors", "vae-bf16.safetensors"
+    }  # fmt: skip
+
+    out = tmp_path / "bench.json"
+    argv = [*ARGS, "--profiles", streamed_profile, "--vram-budget", "1MiB", "--cache-dir", str(cache)]
+    assert main([*argv, "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "writing" not in captured.err and _files(cache) == written  # same files, not rewritten
+
+    rows = {r["profile"]: r for r in json.loads(out.read_text())["rows"]}
+    failed = rows[streamed_profile]
+    assert not failed["completed"] and failed["seconds_per_step"] is None and failed["budget_bytes"] == 2**20
+    assert failed["error"].startswith("the plan does not fit: ") and "transformer needs" in failed["error"]
+    # The reference does not fit 1 MiB either: it runs on its own card, and says so.
+    twin = rows["resident-nf4"]
+    assert twin["completed"] and twin["budget_lifted"] and twin["budget_bytes"] == 12 * 2**30
+    assert "resident-nf4 does not fit the 1 MiB budget; as a reference it runs on a 12.0 GiB card" in captured.out
+    assert "FAILED: the plan does not fit" in captured.out
+
+
+def test_running_out_of_memory_is_recorded_and_the_bench_goes_on(
+    tmp_path: Path, streamed_profile: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_sample = KontextPipeline.sample
+    released: list[str] = []
+    real_release = KontextPipeline.release
+
+    def sample(self: KontextPipeline, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        if self.plan.profile.name == "resident-nf4":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_sample(self, *args, **kwargs)
+
+    def release(self: KontextPipeline) -> None:
+        released.append(self.plan.profile.name)
+        real_release(self)
+
+    monkeypatch.setattr(KontextPipeline, "sample", sample)
+    monkeypatch.setattr(KontextPipeline, "release", release)
+    settings = bench.BenchSettings((streamed_profile,), None, tmp_path, SIZE, SIZE, steps=1, small=True)
+    report = bench.run_bench(settings)
+    first, second = report.rows
+    assert first.profile == "resident-nf4" and not first.completed
+    assert first.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert set(first.stage_seconds) == {"clip", "t5", "vae_encode"}  # what ran before the failure is kept
+    assert second.profile == streamed_profile and second.completed and second.ratio_to_resident is None
+    assert released == ["resident-nf4", streamed_profile]
+
+
+def test_resident_twins_keep_the_transformer_format() -> None:
+    profiles = load_profiles()
+    twins = {name: bench.resident_twin(profiles, name) for name in ("8gb", "4gb", "24gb", "12gb", "as-file")}
+    # fp8 has no all-resident profile; "file" is synthesized as Q4_K, which has none either.
+    assert twins == {
+        "8gb": "resident-nf4", "4gb": "resident-nf4", "24gb": "resident-bf16", "12gb": None, "as-file": None
+    }  # fmt: skip
+    assert bench.resident_twin(profiles, "resident-nf4") == "resident-nf4"
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8", "fp8_e4m3", "Q8_0"])
+def test_synthetic_weights_are_stored_in_their_format(tmp_path: Path, fmt: str) -> None:
+    config = T5Config(vocab_size=64, **TINY_T5_WIDTH)
+    path = write_synthetic_stored("t5", tmp_path / "t5", fmt, config)
+    model = load_component("t5", path, torch.float32, storage="file")  # keeps what the file holds
+    linears = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    assert len(linears) == 7 * config.num_layers and {m.weight.format for m in linears} == {fmt}
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8", "fp8_e4m3", "bf16"])
+def test_random_payloads_have_the_layout_and_spread_of_a_trained_layer(fmt: str) -> None:
+    held = random_stored(fmt, (256, 1024), torch.Generator().manual_seed(0))
+    assert {k: (t.dtype, tuple(t.shape)) for k, t in held.tensors().items()} == payload_layout(fmt, (256, 1024))
+    spread = held.dequantize(torch.float32).std().item() * 1024**0.5  # 1 for a trained layer
+    assert 0.5 < spread < 1.5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--small"], "error: bench measures on weights it writes itself: pass --synthetic"),
+        (["--synthetic", "--small", "--profiles", "nope"], "error: unknown profile 'nope'; known profiles: 12gb,"),
+        (["--synthetic", "--small", "--width", "40"], "error: --width must be a multiple of 16 of at least 16"),
+        (["--synthetic", "--small", "--steps", "0"], "error: --steps must be at least 1 and --warmup at least 0"),
+    ],
+)
+def test_bad_options_end_with_one_line(options: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", *options]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
