@@ -169,7 +169,7 @@ def test_choices_over_cards_and_hosts(profiles, ram: int) -> None:
 
 @pytest.mark.parametrize(
     "vram, ram, expected",
-    [(4, 64, "4gb"), (8, 64, "8gb"), (12, 64, "12gb"), (24, 64, "24gb"), (8, 16, "8gb-lowram"),
+    [(4, 64, "4gb"), (8, 64, "8gb"), (12, 64, "16gb"), (24, 64, "24gb"), (8, 16, "8gb-lowram"),
      (4, 16, "8gb-lowram"), (6, 8, "6gb-lowram"), (12, 8, "resident-nf4")],
 )  # fmt: skip
 def test_expected_profiles(profiles, vram: int, ram: int, expected: str) -> None:
