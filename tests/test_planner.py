@@ -141,8 +141,9 @@ def test_the_peer_measurements_the_model_rests_on_are_reproduced(profiles) -> No
     at_512 = plan(big, profiles, 512, 512, profile_name="resident-bf16")
     assert at_512.text_tokens + at_512.image_tokens == 2560
     assert at_512.compute_seconds == pytest.approx(0.092, abs=1e-9)
-    # Allocator peaks measured: transformer resident bf16 23.1 GiB, T5 bf16 9.1 GiB (no CUDA context).
-    context = big.cuda_context_bytes
+    # Allocator peaks measured: transformer resident bf16 23.1 GiB, T5 bf16 9.1 GiB (no CUDA context,
+    # nothing outside the allocator).
+    context = big.cuda_context_bytes + CALIBRATION.runtime_reserve_bytes
     assert (at_1024.stage("transformer").peak_bytes - context) / GIB == pytest.approx(23.1, rel=0.03)
     assert (at_1024.stage("t5").peak_bytes - context) / GIB == pytest.approx(9.1, rel=0.03)
     assert at_1024.transfer_seconds == 0 and at_1024.dequant_seconds == 0
@@ -226,7 +227,7 @@ def test_streaming_terms_on_a_tiny_model(profiles, tiny_root: Path) -> None:
     sizes = ModelSizes.from_files(
         folder / "transformer", folder / "text_encoder_2", folder / "text_encoder", folder / "vae"
     )
-    tiny = plan(machine(1, 64), profiles, 256, 256, sizes)
+    tiny = plan(machine(2, 64), profiles, 256, 256, sizes)
     assert tiny.fits and tiny.stage("transformer").blocks == 5 and tiny.stage("t5").blocks == 2
     assert tiny.stage("transformer").streamed_blocks == 0 and tiny.stage("transformer").slots == 0
     assert tiny.image_tokens == 2 * 16 * 16
@@ -243,7 +244,7 @@ def test_streaming_terms_on_a_tiny_model(profiles, tiny_root: Path) -> None:
     assert stage.host.pinned == stage.streamed_bytes and stage.host.pageable == 0
 
     fp8 = ModelSizes.from_files(tiny_root / "flux1-kontext-dev-fp8.safetensors")
-    as_file = plan(machine(1, 64), profiles, 256, 256, fp8, profile_name="as-file")
+    as_file = plan(machine(2, 64), profiles, 256, 256, fp8, profile_name="as-file")
     assert as_file.stage("transformer").format == "fp8_e4m3"
 
 
@@ -363,7 +364,7 @@ def test_plan_command_with_files_and_a_profile_file(
     capsys: pytest.CaptureFixture[str], tiny_root: Path, tmp_path: Path
 ) -> None:
     model = str(tiny_root / "diffusers")
-    code, out, _ = _run(capsys, "--model", model, "--vram-budget", "1", "--width", "256", "--json")
+    code, out, _ = _run(capsys, "--model", model, "--vram-budget", "2", "--width", "256", "--json")
     assert code == 0
     transformer = next(s for s in json.loads(out)["stages"] if s["name"] == "transformer")
     assert transformer["blocks"] == 5
