@@ -10,9 +10,10 @@ card, and from the physical floor: the slower of the resident compute and the st
 the measured host-to-device rate.
 
 Measured peaks are the allocator's (``max_memory_allocated`` per stage, without the CUDA context);
-predicted peaks are compared on the same footing (the plan's stage peak minus its CUDA context
-term). The process's whole device memory (NVML, context included) is sampled at each stage's end
-and after each sampling step. Without CUDA everything runs on the CPU and GPU-only fields are null.
+predicted peaks are compared on the same footing (the plan's stage peak minus the terms that live
+outside the allocator: the CUDA context and the runtime reserve). The process's whole device memory
+(NVML, context included) is sampled at each stage's end and after each sampling step, and compared
+with the plan's whole stage peak. Without CUDA everything runs on the CPU and GPU-only fields are null.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ PROMPT = "Add a small red hat to the cat"
 GUIDANCE = 2.5
 SEED = 0
 STAGES = ("clip", "t5", "vae_encode", "transformer", "vae_decode")
-CONTEXT_TERM = "CUDA context"  # the plan's term for what lives outside the allocator
+OUTSIDE_ALLOCATOR = ("CUDA context", "runtime reserve")  # the plan's terms for memory the allocator does not see
 RSS_INTERVAL_S = 0.01
 LINE_STYLES = ("--", "-.", ":")
 PEER_COLORS = ("tab:gray", "tab:purple", "tab:orange")
@@ -98,6 +99,7 @@ class Row:
     predicted_allocator_bytes: dict[str, int] = field(default_factory=dict)  # the same less the CUDA context
     measured_peak_bytes: dict[str, int | None] = field(default_factory=dict)  # allocator peak per stage
     process_vram_bytes: dict[str, int | None] = field(default_factory=dict)  # NVML, stage end / peak step
+    process_error_pct: dict[str, float | None] = field(default_factory=dict)  # whole predicted peak vs NVML
     peak_error_pct: dict[str, float | None] = field(default_factory=dict)  # 100 (pred - meas) / meas; "peak": largest
     predicted_seconds_per_step: float = 0.0
     seconds_per_step: float | None = None  # median of the timed steps
@@ -159,7 +161,8 @@ class BenchReport:
                 f"{_num(r.h2d_gbps, 1):>6}  {status}"
             )
         lines.append(
-            "pred/meas GiB: the largest stage's allocator peak, predicted (CUDA context excluded) and measured; "
+            "pred/meas GiB: the largest stage's allocator peak, predicted (context and runtime reserve "
+            "excluded) and measured; "
             "* budget lifted"
         )
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
@@ -366,7 +369,10 @@ class _Bench:
             tokens={"text": result.text_tokens, "image": result.image_tokens},
             resident_blocks=transformer.resident_blocks, streamed_blocks=transformer.streamed_blocks,
             predicted_peak_bytes={st.name: st.peak_bytes for st in result.stages},
-            predicted_allocator_bytes={st.name: st.peak_bytes - st.terms.get(CONTEXT_TERM, 0) for st in result.stages},
+            predicted_allocator_bytes={
+                st.name: st.peak_bytes - sum(st.terms.get(term, 0) for term in OUTSIDE_ALLOCATOR)
+                for st in result.stages
+            },
             predicted_seconds_per_step=result.seconds_per_step,
             predicted_streamed_bytes_per_step=transformer.streamed_bytes,
         )  # fmt: skip
@@ -415,6 +421,9 @@ class _Bench:
         row.process_vram_bytes["transformer"] = max(steps, default=row.process_vram_bytes["transformer"])
         row.peak_error_pct = {name: _error_pct(row.predicted_allocator_bytes[name], peaks[name]) for name in STAGES}
         row.peak_error_pct["peak"] = _error_pct(row.predicted_peak, row.measured_peak)
+        row.process_error_pct = {
+            name: _error_pct(row.predicted_peak_bytes[name], row.process_vram_bytes[name]) for name in STAGES
+        }
 
     def release(self) -> None:
         """Leave the device as the next profile should find it: empty, uncapped, peaks reset."""
