@@ -183,8 +183,26 @@ def test_cuda_kernels_read_unaligned_payloads():
 
 
 @cuda_only
+def test_cuda_default_routes():
+    from lowvram_kontext.weights.formats import triton_kernels
+
+    routes = {
+        "nf4": "kernel",
+        "int8": "kernel",
+        "Q4_0": "kernel",
+        "Q8_0": "compiled",
+        "fp8_e4m3": "compiled",
+        "fp16": None,
+    }
+    for fmt, route in routes.items():
+        qt = payload(fmt, (4, 256), 0)
+        assert fused.default_route(qt, torch.empty(4, 256, dtype=torch.bfloat16)) == route, fmt
+        assert (fmt in triton_kernels.FORMATS) == (route == "kernel")
+
+
+@cuda_only
 def test_cuda_compiled_formats_compile_once_for_every_shape():
-    for fmt in ("Q8_0", "nf4", "fp8_e4m3", "fp16"):
+    for fmt in ("Q8_0", "fp8_e4m3"):
         before = fused.compile_count(fmt)
         for seed, shape in enumerate(BLOCK_SHAPES):
             qt = payload(fmt, shape, seed)

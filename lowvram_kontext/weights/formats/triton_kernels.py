@@ -8,8 +8,8 @@ per group, only the codes once per value.
 
 Every decoder repeats, operation for operation, the float32 arithmetic of its format's PyTorch
 ``decode`` (launched without fused multiply-add), so results equal the CPU path bit for bit. Byte
-positions follow the layouts documented in ``gguf_legacy``, ``gguf_kquants``, ``gguf_iq`` and
-``int8``. Imported only when a payload is on CUDA.
+positions follow the layouts documented in ``gguf_legacy``, ``gguf_kquants``, ``gguf_iq``, ``int8``
+and ``nf4``. Imported only when a payload is on CUDA.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import triton.language as tl
 from .base import QuantizedTensor, code_table, codec
 from .gguf_iq import LEVELS as IQ4_LEVELS
 from .gguf_iq import LevelCodec
+from .nf4 import BLOCK as NF4_BLOCK
+from .nf4 import LEVELS as NF4_LEVELS
 
 # Output values per program of the block kernel (with four warps, 32 per thread).
 TILE_VALUES = 4096
@@ -184,6 +186,18 @@ def _int8_kernel(data, scale, out, n_rows, n_cols, ROWS: tl.constexpr, COLS: tl.
     tl.store(out + (r * n_cols + c), values.to(out.dtype.element_ty), mask=keep)
 
 
+@triton.jit
+def _nf4_kernel(data, absmax, table, out, n_blocks, ROWS: tl.constexpr, BYTES: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    keep = r < n_blocks
+    packed = tl.load(data + (r * BYTES + tl.arange(0, BYTES)[None, :]), mask=keep, other=0)
+    # Whole bytes in, both nibbles out side by side: the first value of each pair is the high nibble.
+    codes = tl.interleave(packed >> 4, packed & 15)
+    values = tl.load(table + codes) * tl.load(absmax + r, mask=keep, other=0)
+    out_at = r * (2 * BYTES) + tl.arange(0, 2 * BYTES)[None, :]
+    tl.store(out + out_at, values.to(out.dtype.element_ty), mask=keep)
+
+
 # Per GGUF type: decoder, and the [groups, size] shape of one block's values.
 BLOCK_DECODERS = {
     "Q4_0": (_q4_0, 2, 16),
@@ -198,13 +212,13 @@ BLOCK_DECODERS = {
     "Q5_K": (_q5_k, 8, 32),
     "Q6_K": (_q6_k, 16, 16),
 }
-FORMATS = frozenset({*BLOCK_DECODERS, "int8"})
+FORMATS = frozenset({*BLOCK_DECODERS, "int8", "nf4"})
 
 
 def dequantize_into(qt: QuantizedTensor, out: torch.Tensor) -> None:
     """Write ``qt`` (a format in ``FORMATS``, fewer than 2**31 values) into the contiguous ``out``."""
     with torch.cuda.device(out.device):
-        (_int8_into if qt.format == "int8" else _blocks_into)(qt, out)
+        {"int8": _int8_into, "nf4": _nf4_into}.get(qt.format, _blocks_into)(qt, out)
 
 
 def _blocks_into(qt: QuantizedTensor, out: torch.Tensor) -> None:
@@ -238,6 +252,22 @@ def _int8_into(qt: QuantizedTensor, out: torch.Tensor) -> None:
         cols,
         ROWS=INT8_TILE[0],
         COLS=INT8_TILE[1],
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
+
+
+def _nf4_into(qt: QuantizedTensor, out: torch.Tensor) -> None:
+    data, absmax = qt.data.reshape(-1, NF4_BLOCK // 2).contiguous(), qt.absmax.contiguous()
+    rows = TILE_VALUES // NF4_BLOCK
+    _nf4_kernel[(triton.cdiv(data.shape[0], rows),)](
+        data,
+        absmax,
+        code_table(NF4_LEVELS, qt.device),
+        out,
+        data.shape[0],
+        ROWS=rows,
+        BYTES=NF4_BLOCK // 2,
         num_warps=4,
         enable_fp_fusion=False,
     )
