@@ -60,6 +60,12 @@ def _legacy(base, keep, g, s, CODES: tl.constexpr, BITS: tl.constexpr, WITH_MIN:
 
 
 @triton.jit
+def _q8_0(base, keep, g, s, table):
+    q = _byte(base, 2 + g * 16 + s, keep).to(tl.int8, bitcast=True)
+    return q.to(tl.float32) * _half(base, 0, keep)
+
+
+@triton.jit
 def _q4_0(base, keep, g, s, table):
     return _legacy(base, keep, g, s, 2, 4, False)
 
@@ -200,6 +206,7 @@ def _nf4_kernel(data, absmax, table, out, n_blocks, ROWS: tl.constexpr, BYTES: t
 
 # Per GGUF type: decoder, and the [groups, size] shape of one block's values.
 BLOCK_DECODERS = {
+    "Q8_0": (_q8_0, 2, 16),
     "Q4_0": (_q4_0, 2, 16),
     "Q4_1": (_q4_1, 2, 16),
     "Q5_0": (_q5_0, 2, 16),
