@@ -37,6 +37,30 @@ def _overlap(tile: int, preferred: int, multiple: int = 1) -> int:
     return min(preferred, tile // 4) // multiple * multiple
 
 
+def component_paths(model: Path | None, **given: Path | None) -> dict[str, Path]:
+    """The path of each component given explicitly or found in the ``model`` folder, checked to exist.
+
+    ``given`` maps component names ("transformer", "t5", "clip", "vae") to explicit paths or None;
+    a component neither given nor in a model folder is left out.
+    """
+    if model is not None and not Path(model).is_dir():
+        raise KontextError(f"{model}: no such model folder")
+    paths: dict[str, Path] = {}
+    for name, component in COMPONENTS.items():
+        path = given.get(name)
+        if path is None and model is not None:
+            path = Path(model) / component.folder
+            if not path.is_dir():
+                raise KontextError(
+                    f"{model}: the model folder has no {component.folder}/ ({component.label}); pass --{name} FILE"
+                )
+        if path is not None:
+            if not Path(path).exists():
+                raise KontextError(f"{path}: no such {component.label} file or folder")
+            paths[name] = Path(path)
+    return paths
+
+
 @dataclass(frozen=True)
 class ModelPaths:
     """Where each component's weights and the tokenizers are."""
@@ -58,25 +82,10 @@ class ModelPaths:
         tokenizers: Path | None = None,
     ) -> ModelPaths:
         """Fill each path from the explicit option, else from the model folder; say what is missing."""
-        if model is not None and not Path(model).is_dir():
-            raise KontextError(f"{model}: no such model folder")
-        given = {"transformer": transformer, "t5": t5, "clip": clip, "vae": vae}
-        paths: dict[str, Path] = {}
-        for name, path in given.items():
-            if path is not None:
-                paths[name] = Path(path)
-            elif model is not None:
-                folder = Path(model) / COMPONENTS[name].folder
-                if not folder.is_dir():
-                    raise KontextError(
-                        f"{model}: the model folder has no {COMPONENTS[name].folder}/ "
-                        f"({COMPONENTS[name].label}); pass --{name} FILE"
-                    )
-                paths[name] = folder
-            else:
-                raise KontextError(f"no {COMPONENTS[name].label} given: pass --model DIR or --{name} FILE")
-            if not paths[name].exists():
-                raise KontextError(f"{paths[name]}: no such {COMPONENTS[name].label} file or folder")
+        paths = component_paths(model, transformer=transformer, t5=t5, clip=clip, vae=vae)
+        for name, component in COMPONENTS.items():
+            if name not in paths:
+                raise KontextError(f"no {component.label} given: pass --model DIR or --{name} FILE")
         if tokenizers is None and model is None:
             raise KontextError(
                 "no tokenizers given: pass --tokenizers DIR (with tokenizer/ and tokenizer_2/)"

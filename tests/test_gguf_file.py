@@ -12,20 +12,8 @@ from lowvram_kontext.errors import KontextError, WeightFileError
 from lowvram_kontext.weights.formats import QuantizedTensor, quantize, random_blocks
 from lowvram_kontext.weights.gguf_file import GGUF_TYPES, GGUFFile, write_gguf
 
-BLOCK_TYPES = [
-    "Q4_0",
-    "Q4_1",
-    "Q5_0",
-    "Q5_1",
-    "Q8_0",
-    "Q2_K",
-    "Q3_K",
-    "Q4_K",
-    "Q5_K",
-    "Q6_K",
-    "IQ4_NL",
-    "IQ4_XS",
-]
+from .test_formats import BLOCK_TYPES
+
 METADATA = {
     "flux.depth": 19,
     "flux.offset": -3,

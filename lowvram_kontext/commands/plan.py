@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import KontextError
+from ..pipeline import component_paths
 from ..planner import ModelSizes, load_profiles, plan
 from ..weights.loading import COMPONENTS
 from .options import add_model_options, add_plan_options, chosen_profile, planning_machine
@@ -28,23 +28,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _model_sizes(args: argparse.Namespace) -> ModelSizes:
     """Sizes from the given files' headers; the standard Kontext sizes for components not given."""
-    if args.model is not None and not args.model.is_dir():
-        raise KontextError(f"{args.model}: no such model folder")
-    paths: dict[str, Path] = {}
-    for name, component in COMPONENTS.items():
-        given = getattr(args, name)
-        if given is None and args.model is not None:
-            given = args.model / component.folder
-            if not given.is_dir():
-                raise KontextError(
-                    f"{args.model}: the model folder has no {component.folder}/ ({component.label}); "
-                    f"pass --{name} FILE"
-                )
-        if given is not None:
-            if not given.exists():
-                raise KontextError(f"{given}: no such {component.label} file or folder")
-            paths[name] = given
-    return ModelSizes.from_files(**paths)
+    given = {name: getattr(args, name) for name in COMPONENTS}
+    return ModelSizes.from_files(**component_paths(args.model, **given))
 
 
 def run(args: argparse.Namespace) -> int:
