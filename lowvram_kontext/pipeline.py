@@ -20,7 +20,7 @@ from torch import nn
 from . import images, sampling
 from .errors import KontextError
 from .offload import StreamingEngine, stream_model
-from .planner import Plan
+from .planner import Plan, StagePlan
 from .progress import Progress
 from .tokenizers import load_tokenizers
 from .vae_tiling import decode_tiled, encode_tiled
@@ -28,6 +28,7 @@ from .weights.loading import COMPONENTS, load_component, open_component
 
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 2.5
+BLOCK_COMPONENTS = ("transformer", "t5")  # what a plan stores in its own format and may stream
 DECODE_OVERLAP = 8  # latent pixels shared by neighbouring VAE tiles (at most a quarter of a tile)
 ENCODE_OVERLAP = 64  # image pixels, likewise
 
@@ -142,8 +143,15 @@ class KontextPipeline:
         plan: Plan | None = None,
         cache_dir: Path | None = None,
         replan: Callable[[str], Plan] | None = None,
+        keep_weights: bool = False,
     ):
-        """``replan(profile_name)`` gives the plan of another profile: the fallback after running out of memory."""
+        """``replan(profile_name)`` gives the plan of another profile: the fallback after running out of memory.
+
+        With ``keep_weights`` every component stays loaded between edits: what a stage no longer
+        needs on the device goes back to host memory instead of being dropped, so the next edit
+        reads nothing from disk (successive edits, sessions, batches). Without it the text encoders
+        and, under a plan, the transformer are dropped once used, which keeps host memory lowest.
+        """
         self.paths = paths
         self.device = torch.device(device)
         self.dtype = dtype
@@ -151,12 +159,12 @@ class KontextPipeline:
         self.plan = plan
         self.replan = replan
         self.cache_dir = cache_dir
+        self.keep_weights = keep_weights
         self.stats = PipelineStats()
         self._tokenizers = load_tokenizers(paths.tokenizers)
         self._vae_config = open_component(COMPONENTS["vae"], paths.vae)[0]
-        self._transformer: nn.Module | None = None
-        self._transformer_engine: StreamingEngine | None = None
-        self._vae: nn.Module | None = None
+        self._held: dict[str, nn.Module] = {}  # loaded components, on the device or parked on the host
+        self._engines: dict[str, StreamingEngine] = {}  # the streaming engines of components on the device
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -179,38 +187,58 @@ class KontextPipeline:
         self.stats.load_seconds[name] = time.perf_counter() - start
         return model
 
-    def _load_streamed(self, name: str) -> tuple[nn.Module, StreamingEngine | None]:
-        """Load the transformer or T5 as the plan says: its storage format, resident blocks, streaming."""
-        if self.plan is None:
-            return self._load(name), None
-        stage = self.plan.stage(name)
-        settings = self.plan.profile.transformer if name == "transformer" else self.plan.profile.t5
-        if not stage.streamed_blocks:
-            return self._load(name, stage.format), None
-        model = self._load(name, stage.format, device=torch.device("cpu"))
-        engine = stream_model(
-            model,
-            self.device,
-            resident=stage.resident_blocks,
-            prefetch=stage.prefetch,
-            host=settings.host,
-            pinned_cap_bytes=self.plan.profile.pinned_cap_bytes,
-            cache_dir=self.cache_dir,
-            measure=self.device.type == "cuda",
-        )
-        return model, engine
+    def _planned(self, name: str) -> StagePlan | None:
+        """The plan's stage for the transformer or T5 (whose format and streaming it decides), else None."""
+        return self.plan.stage(name) if self.plan is not None and name in BLOCK_COMPONENTS else None
 
-    @property
-    def transformer(self) -> nn.Module:
-        if self._transformer is None:
-            self._transformer, self._transformer_engine = self._load_streamed("transformer")
-        return self._transformer
+    def _acquire(self, name: str) -> nn.Module:
+        """The component ready to run on the device: loaded once (in the plan's format), then kept.
+
+        A component whose blocks the plan streams gets a streaming engine; the rest of it, and any
+        other component, sits on the device whole.
+        """
+        planned = self._planned(name)
+        stage = planned if planned is not None and planned.streamed_blocks else None
+        model = self._held.get(name)
+        if model is None:
+            storage = planned.format if planned is not None else "file"
+            model = self._load(name, storage, device=torch.device("cpu") if stage is not None else self.device)
+            self._held[name] = model
+        if stage is None:
+            return model.to(self.device)
+        if name not in self._engines:
+            settings = self.plan.profile.transformer if name == "transformer" else self.plan.profile.t5
+            self._engines[name] = stream_model(
+                model,
+                self.device,
+                resident=stage.resident_blocks,
+                prefetch=stage.prefetch,
+                host=settings.host,
+                pinned_cap_bytes=self.plan.profile.pinned_cap_bytes,
+                cache_dir=self.cache_dir,
+                measure=self.device.type == "cuda",
+            )
+        return model
+
+    def _park(self, name: str) -> None:
+        """Give back the device memory of a component: to host memory with ``keep_weights``, else dropped."""
+        engine = self._engines.pop(name, None)
+        if engine is not None:
+            engine.detach()
+        model = self._held.get(name)
+        if model is None:
+            return
+        if self.keep_weights:
+            model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            del self._held[name]
+            free(model)
 
     @property
     def vae(self) -> nn.Module:
-        if self._vae is None:
-            self._vae = self._load("vae")
-        return self._vae
+        return self._acquire("vae")
 
     def _vae_tile(self, stage: str) -> int | None:
         """The plan's VAE tile side for ``stage`` in image pixels; None to run whole."""
@@ -218,18 +246,16 @@ class KontextPipeline:
 
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> PromptEmbedding:
-        """Run CLIP and T5 on the prompt; both encoders are freed before returning."""
+        """Run CLIP and T5 on the prompt; both give their device memory back before returning."""
         clip_tokens, t5_tokens = (t.as_tensor(prompt).to(self.device) for t in self._tokenizers)
-        clip = self._load("clip")
+        clip = self._acquire("clip")
         with self._stage("clip"):
             vec = clip(clip_tokens)
-        free(clip)
-        t5, engine = self._load_streamed("t5")
+        self._park("clip")
+        t5 = self._acquire("t5")
         with self._stage("t5"):
             txt = t5(t5_tokens)
-        if engine is not None:
-            engine.detach()
-        free(t5)
+        self._park("t5")
         return PromptEmbedding(txt=txt, vec=vec)
 
     def output_size(self, image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
@@ -281,8 +307,8 @@ class KontextPipeline:
         txt_ids = torch.zeros(1, prompt.txt.shape[1], 3, device=self.device, dtype=self.dtype)
         guidance_vec = torch.full((1,), guidance, device=self.device, dtype=self.dtype)
         n_target = target.shape[1]
-        transformer = self.transformer
-        engine = self._transformer_engine
+        transformer = self._acquire("transformer")
+        engine = self._engines.get("transformer")
         streamed_before = engine.bytes_streamed if engine is not None else 0
         copies_before = len(engine.copy_times()) if engine is not None else 0
 
@@ -319,7 +345,7 @@ class KontextPipeline:
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> Image.Image:
         if self.plan is not None:
-            self.release_transformer()  # the plan gives the decoder the memory the transformer held
+            self._park("transformer")  # the plan gives the decoder the memory the transformer held
         vae = self.vae
         tile = self._vae_tile("vae_decode")
         with self._stage("vae_decode"):
@@ -331,19 +357,13 @@ class KontextPipeline:
                 pixels = decode_tiled(vae, z, latent_tile, _overlap(latent_tile, DECODE_OVERLAP))
         return images.to_image(pixels)
 
-    def release_transformer(self) -> None:
-        if self._transformer_engine is not None:
-            self._transformer_engine.detach()
-        if self._transformer is not None:
-            free(self._transformer)
-        self._transformer = self._transformer_engine = None
-
     def release(self) -> None:
-        """Free everything the pipeline holds, on the device and pinned on the host."""
-        self.release_transformer()
-        if self._vae is not None:
-            free(self._vae)
-        self._vae = None
+        """Free everything the pipeline holds, on the device and on the host."""
+        for engine in self._engines.values():
+            engine.detach()
+        self._engines.clear()
+        free(*self._held.values())
+        self._held.clear()
 
     def edit(
         self,

@@ -70,7 +70,25 @@ def test_text_encoders_and_transformer_are_freed_after_their_stages(tiny_root: P
     _edit(pipe)
     transformer = loaded["transformer"]()
     assert transformer is None or all(p.is_meta for p in transformer.parameters())
-    assert pipe._transformer is None  # the plan gives the decoder the transformer's memory
+    assert "transformer" not in pipe._held  # the plan gives the decoder the transformer's memory
+
+
+def test_kept_weights_are_read_from_disk_once_over_several_edits(tiny_root: Path, monkeypatch) -> None:  # noqa: ANN001
+    loads: list[str] = []
+    real_load = pipeline_module.load_component
+
+    def counting_load(name, *args, **kwargs):  # noqa: ANN001, ANN202
+        loads.append(name)
+        return real_load(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "load_component", counting_load)
+    streamed_plan, _ = _plan(tiny_root, resident=1)
+    pipe = KontextPipeline(_paths(tiny_root), plan=streamed_plan, keep_weights=True)
+    images = [_edit(pipe, seed) for seed in (1, 2, 3)]
+    assert sorted(loads) == ["clip", "t5", "transformer", "vae"]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+    again = KontextPipeline(_paths(tiny_root), plan=streamed_plan)
+    assert np.array_equal(_edit(again, 3), images[2])  # kept weights change nothing
 
 
 def test_tiled_vae_plan_runs_and_stays_close_to_untiled(tiny_root: Path) -> None:
