@@ -22,6 +22,8 @@ from .errors import KontextError
 from .offload import StreamingEngine, stream_model
 from .planner import Plan, StagePlan
 from .progress import Progress
+from .prompt_cache import PromptCache, encoder_identity
+from .prompt_cache import key as cache_key
 from .tokenizers import load_tokenizers
 from .vae_tiling import decode_tiled, encode_tiled
 from .weights.loading import COMPONENTS, load_component, open_component
@@ -144,6 +146,7 @@ class KontextPipeline:
         cache_dir: Path | None = None,
         replan: Callable[[str], Plan] | None = None,
         keep_weights: bool = False,
+        prompt_cache: PromptCache | None = None,
     ):
         """``replan(profile_name)`` gives the plan of another profile: the fallback after running out of memory.
 
@@ -151,6 +154,7 @@ class KontextPipeline:
         needs on the device goes back to host memory instead of being dropped, so the next edit
         reads nothing from disk (successive edits, sessions, batches). Without it the text encoders
         and, under a plan, the transformer are dropped once used, which keeps host memory lowest.
+        With a ``prompt_cache`` a prompt seen before with the same text encoders skips them entirely.
         """
         self.paths = paths
         self.device = torch.device(device)
@@ -160,6 +164,8 @@ class KontextPipeline:
         self.replan = replan
         self.cache_dir = cache_dir
         self.keep_weights = keep_weights
+        self.prompt_cache = prompt_cache
+        self._encoder_identity: str | None = None
         self.stats = PipelineStats()
         self._tokenizers = load_tokenizers(paths.tokenizers)
         self._vae_config = open_component(COMPONENTS["vae"], paths.vae)[0]
@@ -246,7 +252,15 @@ class KontextPipeline:
 
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> PromptEmbedding:
-        """Run CLIP and T5 on the prompt; both give their device memory back before returning."""
+        """Run CLIP and T5 on the prompt (or take their output from the cache); both give their device
+        memory back before returning."""
+        cache_key = self._prompt_key(prompt)
+        if cache_key is not None:
+            cached = self.prompt_cache.get(cache_key)
+            if cached is not None:
+                self.progress.say("prompt embedding: from the cache, text encoders skipped")
+                txt, vec = (t.to(self.device, self.dtype) for t in cached)
+                return PromptEmbedding(txt=txt, vec=vec)
         clip_tokens, t5_tokens = (t.as_tensor(prompt).to(self.device) for t in self._tokenizers)
         clip = self._acquire("clip")
         with self._stage("clip"):
@@ -256,7 +270,18 @@ class KontextPipeline:
         with self._stage("t5"):
             txt = t5(t5_tokens)
         self._park("t5")
+        if cache_key is not None and not self.prompt_cache.put(cache_key, txt.cpu(), vec.cpu(), prompt=prompt):
+            self.progress.say(f"prompt embedding: could not write the cache in {self.prompt_cache.folder}")
         return PromptEmbedding(txt=txt, vec=vec)
+
+    def _prompt_key(self, prompt: str) -> str | None:
+        """The cache key of ``prompt`` with these text encoders and tokenizers; None without a cache."""
+        if self.prompt_cache is None:
+            return None
+        if self._encoder_identity is None:
+            tokenizers = [self.paths.tokenizers / "tokenizer", self.paths.tokenizers / "tokenizer_2"]
+            self._encoder_identity = encoder_identity([self.paths.t5, self.paths.clip, *tokenizers])
+        return cache_key(prompt, self._encoder_identity, self.dtype)
 
     def output_size(self, image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
         """The (width, height) to edit at: the user's, rounded to the model's grid, else the preferred one."""

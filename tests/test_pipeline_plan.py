@@ -141,3 +141,27 @@ def test_out_of_memory_without_a_fallback_is_one_clear_error(tiny_root: Path, mo
 def test_image_is_valid(tiny_root: Path) -> None:
     image = Image.fromarray(_edit(KontextPipeline(_paths(tiny_root))))
     assert image.size == (SIZE, SIZE)
+
+
+def test_a_repeated_prompt_skips_the_text_encoders(tiny_root: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from lowvram_kontext.prompt_cache import PromptCache
+
+    loads: list[str] = []
+    real_load = pipeline_module.load_component
+
+    def counting_load(name, *args, **kwargs):  # noqa: ANN001, ANN202
+        loads.append(name)
+        return real_load(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "load_component", counting_load)
+    first = KontextPipeline(_paths(tiny_root), prompt_cache=PromptCache(tmp_path / "prompts"))
+    fresh = first.encode_prompt("a red hat")
+    assert sorted(loads) == ["clip", "t5"] and len(first.prompt_cache.entries()) == 1
+    loads.clear()
+    # A new pipeline (a later run) with the same files: no encoder is loaded, the embedding is identical.
+    second = KontextPipeline(_paths(tiny_root), prompt_cache=PromptCache(tmp_path / "prompts"))
+    cached = second.encode_prompt("a red hat")
+    assert loads == []
+    assert torch.equal(cached.txt, fresh.txt) and torch.equal(cached.vec, fresh.vec)
+    second.encode_prompt("a blue hat")
+    assert sorted(loads) == ["clip", "t5"]
