@@ -9,10 +9,10 @@ import traceback
 from collections.abc import Sequence
 
 from . import __version__
-from .commands import bench, edit, info, plan, quantize
+from .commands import bench, edit, info, plan, quantize, session
 from .errors import KontextError
 
-SUBCOMMANDS = (edit, plan, bench, quantize, info)
+SUBCOMMANDS = (edit, session, plan, bench, quantize, info)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,13 @@ import pytest
 from lowvram_kontext.tiny import TinyWeights, write_tiny_checkpoints
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep whatever the commands cache (prompt embeddings, block files) out of the user's cache folder."""
+    monkeypatch.setenv("LOWVRAM_KONTEXT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("LOWVRAM_KONTEXT_PROMPT_CACHE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TinyWeights]:
     root = tmp_path_factory.mktemp("tiny")

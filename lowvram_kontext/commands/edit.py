@@ -3,47 +3,72 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from .. import __version__, demo, images
+from .. import demo, images, workflow
 from ..errors import KontextError
 from ..hardware import cap_allocator, parse_size
 from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, KontextPipeline, default_dtype, resolve_device
 from ..planner import ModelSizes, Plan, load_profiles, plan
 from ..progress import Progress
+from ..prompt_cache import PromptCache
+from ..workflow import Editor, OutputNames, Refused
 from .options import add_model_options, add_plan_options, chosen_profile, model_paths, planning_machine
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    edit = commands.add_parser("edit", help="edit an image following a text instruction")
-    edit.add_argument("--image", type=Path, help="input image (any format Pillow reads)")
-    edit.add_argument("--prompt", help="the edit instruction, e.g. 'Add a hat to the cat'")
+    edit = commands.add_parser("edit", help="edit an image (or a folder of images) following text instructions")
     edit.add_argument(
-        "--out", type=Path, help="output PNG (default: INPUT-edited.png here, never overwriting)"
+        "--image", type=Path, help="input image (any format Pillow reads), a folder of images, or a glob ('in/*.jpg')"
     )
-    add_model_options(edit)
-    edit.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    edit.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    edit.add_argument("--seed", type=int, default=0)
     edit.add_argument(
-        "--width", type=int, help="output width (default: Kontext's preferred size for the input)"
+        "--prompt",
+        action="append",
+        help="the edit instruction, e.g. 'Add a hat to the cat'; give it again to chain edits, "
+        "each starting from the previous result (OUT-1.png, OUT-2.png, ...; the same --seed for each)",
     )
-    edit.add_argument("--height", type=int, help="output height")
+    edit.add_argument("--out", type=Path, help="output PNG (default: INPUT-edited.png here, never overwriting)")
     edit.add_argument(
+        "--out-dir", type=Path, help="folder for the outputs of a folder or glob of images (default: here)"
+    )
+    edit.add_argument("--demo", action="store_true", help="run on a tiny built-in model with RANDOM weights")
+    add_edit_options(edit)
+    edit.set_defaults(run=run)
+
+
+def add_edit_options(parser: argparse.ArgumentParser) -> None:
+    """Model files, sampling, precision, device, memory plan, output filter and verbosity: shared with `session`."""
+    add_model_options(parser)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    parser.add_argument("--seed", type=int, default=0, help="starting noise of every edit (default 0)")
+    parser.add_argument("--width", type=int, help="output width (default: Kontext's preferred size for the input)")
+    parser.add_argument("--height", type=int, help="output height")
+    parser.add_argument(
         "--dtype", default="auto", help="bfloat16 or float32 (default: bfloat16 on GPU, float32 on CPU)"
     )
-    edit.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    edit.add_argument("--demo", action="store_true", help="run on a tiny built-in model with RANDOM weights")
-    add_plan_options(edit)
-    edit.add_argument("--quiet", action="store_true", help="print only the output path")
-    edit.add_argument("--verbose", action="store_true", help="also print the memory plan")
-    edit.set_defaults(run=run)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_plan_options(parser)
+    parser.add_argument(
+        "--filter",
+        metavar="MODULE:FUNCTION",
+        help="your check fn(image, prompt) run before each write: True/None writes, False or a reason refuses",
+    )
+    parser.add_argument(
+        "--prompt-cache",
+        type=Path,
+        metavar="DIR",
+        help="where prompt embeddings are cached (default: $LOWVRAM_KONTEXT_PROMPT_CACHE or the cache folder)",
+    )
+    parser.add_argument("--no-prompt-cache", action="store_true", help="always run the text encoders")
+    parser.add_argument("--quiet", action="store_true", help="print only the output paths")
+    parser.add_argument("--verbose", action="store_true", help="also print the memory plan")
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
@@ -52,22 +77,6 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise KontextError(f"unknown --dtype {name!r}: choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def _output_path(args: argparse.Namespace) -> Path:
-    if args.out is not None:
-        out = args.out
-        if out.suffix.lower() != ".png":
-            raise KontextError(f"--out {out}: the output is a PNG, name it .png")
-    else:
-        stem = args.image.stem if args.image is not None else "demo"
-        out = images.unused_path(Path(f"{stem}-edited.png"))
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise KontextError(f"--out {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise KontextError(f"--out {out}: folder {parent} is not writable")
-    return out
 
 
 def _apply_plan(args: argparse.Namespace, pipeline: KontextPipeline, width: int, height: int) -> None:
@@ -98,44 +107,119 @@ def _apply_plan(args: argparse.Namespace, pipeline: KontextPipeline, width: int,
         pipeline.progress.say(chosen.explain())
 
 
-def run(args: argparse.Namespace) -> int:
+def start(args: argparse.Namespace) -> workflow.OutputFilter | None:
+    """Check the sampling options and import the filter before anything loads."""
     if args.steps < 1:
         raise KontextError(f"--steps must be at least 1 (got {args.steps})")
+    return workflow.load_filter(args.filter) if args.filter else None
+
+
+def open_pipeline(
+    args: argparse.Namespace, image: Image.Image, progress: Progress, device: torch.device, several: bool
+) -> KontextPipeline:
+    """The one pipeline of a run, its memory planned for ``image``'s output size; prints the license notice.
+
+    ``several``: the run makes more than one edit, so every component's weights stay in memory
+    between edits instead of being read from disk again.
+    """
+    dtype = _dtype(args.dtype, device)
+    paths = model_paths(args)
+    cache = None if args.no_prompt_cache else PromptCache(args.prompt_cache)
+    pipeline = KontextPipeline(
+        paths,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        cache_dir=demo.cache_dir(),
+        keep_weights=several,
+        prompt_cache=cache,
+    )
+    _apply_plan(args, pipeline, *pipeline.output_size(image, args.width, args.height))
+    progress.say(workflow.NOTICE)
+    return pipeline
+
+
+def editor(args: argparse.Namespace, pipeline: KontextPipeline, output_filter: workflow.OutputFilter | None) -> Editor:
+    return Editor(pipeline, args.steps, args.guidance, args.seed, args.width, args.height, output_filter)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    progress = Progress(quiet=args.quiet, device=device)
+    output_filter = start(args)
     if not args.prompt and not args.demo:
         raise KontextError("--prompt is required: the edit instruction")
-    device = resolve_device(args.device)
-    dtype = _dtype(args.dtype, device)
-    progress = Progress(quiet=args.quiet, device=device)
-
     if args.demo:
         progress.say(demo.NOTICE)
         args.model = args.model or demo.demo_model()
-        args.prompt = args.prompt or demo.DEMO_PROMPT
+        args.prompt = args.prompt or [demo.DEMO_PROMPT]
         if args.width is None and args.height is None:
             args.width = args.height = demo.DEMO_SIZE
     elif args.image is None:
         raise KontextError("--image is required (or --demo to try the built-in example)")
+    batch = workflow.input_images(args.image) if args.image is not None else None
+    if batch is not None:
+        return _run_batch(args, batch, progress, device, output_filter)
+    if args.out_dir is not None:
+        raise KontextError("--out-dir is for a folder or glob of images; name one output with --out")
     image = images.load_image(args.image) if args.image is not None else demo.demo_image()
-    out = _output_path(args)
-    paths = model_paths(args)
-
-    pipeline = KontextPipeline(paths, device=device, dtype=dtype, progress=progress, cache_dir=demo.cache_dir())
-    width, height = pipeline.output_size(image, args.width, args.height)
-    _apply_plan(args, pipeline, width, height)
-    result = pipeline.edit(image, args.prompt, args.steps, args.guidance, args.seed, width, height)
-    files = {name: str(getattr(paths, name)) for name in ("transformer", "t5", "clip", "vae")}
-    metadata = {
-        "prompt": args.prompt,
-        "seed": str(args.seed),
-        "steps": str(args.steps),
-        "guidance": str(args.guidance),
-        "width": str(result.width),
-        "height": str(result.height),
-        "input": str(args.image) if args.image is not None else "built-in demo image",
-        "model": json.dumps(files),
-        "dtype": str(dtype).removeprefix("torch."),
-        "software": f"lowvram_kontext {__version__}",
-    }
-    images.save_png(result, out, metadata)
-    print(out)
+    names = _output_names(args)
+    source = str(args.image) if args.image is not None else "built-in demo image"
+    pipeline = open_pipeline(args, image, progress, device, several=len(args.prompt) > 1)
+    try:
+        editor(args, pipeline, output_filter).chain(image, args.prompt, names, source)
+    except Refused as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    finally:
+        pipeline.release()
     return 0
+
+
+def _output_names(args: argparse.Namespace) -> OutputNames:
+    count = len(args.prompt)
+    if args.out is None:
+        stem = args.image.stem if args.image is not None else "demo"
+        return OutputNames(Path(f"{stem}-edited.png"), count)
+    out = args.out
+    if out.suffix.lower() != ".png":
+        raise KontextError(f"--out {out}: the output is a PNG, name it .png")
+    workflow.checked_folder(out.parent if str(out.parent) else Path("."), f"--out {out}")
+    return OutputNames(out, count, overwrite=True)
+
+
+def _run_batch(
+    args: argparse.Namespace,
+    inputs: list[Path],
+    progress: Progress,
+    device: torch.device,
+    output_filter: workflow.OutputFilter | None,
+) -> int:
+    """The same instructions on every input; a failing input is reported and the rest go on."""
+    if args.out is not None:
+        raise KontextError("--out names one file: with a folder or glob of images use --out-dir")
+    out_dir = workflow.checked_folder(args.out_dir or Path("."), "--out-dir")
+    failures: list[str] = []
+    pipeline: KontextPipeline | None = None
+    try:
+        for number, path in enumerate(inputs, 1):
+            progress.say(f"[{number}/{len(inputs)}] {path}")
+            try:
+                image = images.load_image(path)
+            except KontextError as exc:
+                failures.append(f"  {exc}")
+                continue
+            if pipeline is None:  # model errors end the run: they would fail every input alike
+                pipeline = open_pipeline(args, image, progress, device, several=True)
+            names = OutputNames(out_dir / f"{path.stem}-edited.png", len(args.prompt))
+            try:
+                editor(args, pipeline, output_filter).chain(image, args.prompt, names, str(path))
+            except KontextError as exc:
+                failures.append(f"  {exc}" if isinstance(exc, Refused) else f"  {path}: {exc}")
+    finally:
+        if pipeline is not None:
+            pipeline.release()
+    print(f"done {len(inputs) - len(failures)}, failed {len(failures)}", file=sys.stderr)
+    for line in failures:
+        print(line, file=sys.stderr)
+    return 1 if failures else 0

@@ -1,0 +1,119 @@
+"""`session`: successive edits of one image, one instruction per line of standard input, weights loaded once."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .. import images, workflow
+from ..errors import KontextError
+from ..pipeline import resolve_device
+from ..progress import Progress
+from ..workflow import Editor, Refused
+from .edit import add_edit_options, editor, open_pipeline, start
+
+HELP = "one instruction per line; 'undo' steps back, 'save NAME' writes NAME.png, 'quit' (or end of input) ends"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    session = commands.add_parser(
+        "session", help="edit an image step by step, one instruction per line of standard input", description=HELP
+    )
+    session.add_argument("--image", type=Path, required=True, help="the starting image")
+    session.add_argument(
+        "--out-dir", type=Path, default=Path("."), help="where results go, as NNN-instruction.png (default: here)"
+    )
+    add_edit_options(session)
+    session.set_defaults(run=run)
+
+
+@dataclass
+class Step:
+    """One image of the session's history and how it was made."""
+
+    image: Image.Image
+    prompts: tuple[str, ...]  # the instructions that led here, oldest first
+
+
+def first_free_number(folder: Path) -> int:
+    """One past the highest ``NNN-`` prefix already in ``folder``, so a new session continues the numbering."""
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d+)-", p.name))]
+    return max(numbers, default=0) + 1
+
+
+class Session:
+    """Applies instructions to the latest image, keeping the history for ``undo``."""
+
+    def __init__(self, editor: Editor, image: Image.Image, source: str, out_dir: Path, progress: Progress):
+        self.editor = editor
+        self.source = source
+        self.out_dir = out_dir
+        self.progress = progress
+        self.history = [Step(image, ())]
+        self.number = first_free_number(out_dir)
+
+    def run(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            line = line.strip()
+            if not line:
+                continue
+            if line == "quit":
+                return
+            try:
+                self.handle(line)
+            except Refused as exc:
+                print(f"{exc}; still at the previous image", file=sys.stderr, flush=True)
+            except KontextError as exc:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+
+    def handle(self, line: str) -> None:
+        """One line: ``undo``, ``save NAME``, or an instruction."""
+        current = self.history[-1]
+        if line == "undo":
+            if len(self.history) == 1:
+                raise KontextError("nothing to undo: this is the starting image")
+            self.history.pop()
+            self.progress.say(f"undone: back to {len(self.history) - 1} edit(s)")
+        elif line.startswith("save ") or line == "save":
+            self.save(line.removeprefix("save").strip())
+        else:
+            image = self.editor.edit(current.image, line)
+            prompts = (*current.prompts, line)
+            path = images.unused_path(self.out_dir / f"{self.number:03d}-{workflow.slug(line)}.png")
+            self.editor.write(image, path, prompts, self.source)
+            self.number += 1
+            self.history.append(Step(image, prompts))
+
+    def save(self, name: str) -> None:
+        current = self.history[-1]
+        if not name:
+            raise KontextError("save needs a name: save NAME")
+        if not current.prompts:
+            raise KontextError("nothing to save yet: the image is still the starting one")
+        path = self.out_dir / (name if name.lower().endswith(".png") else f"{name}.png")
+        if path.exists():
+            raise KontextError(f"{path} exists: not overwritten, choose another name")
+        workflow.checked_folder(path.parent, f"save {name}")
+        self.editor.write(current.image, path, current.prompts, self.source)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    progress = Progress(quiet=args.quiet, device=device)
+    output_filter = start(args)
+    out_dir = workflow.checked_folder(args.out_dir, "--out-dir")
+    image = images.load_image(args.image)
+    pipeline = open_pipeline(args, image, progress, device, several=True)
+    try:
+        if sys.stdin.isatty():
+            progress.say(HELP)
+        Session(editor(args, pipeline, output_filter), image, str(args.image), out_dir, progress).run(sys.stdin)
+    finally:
+        pipeline.release()
+    return 0
