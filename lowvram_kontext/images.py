@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -74,7 +75,8 @@ def save_png(img: Image.Image, path: Path, text: Mapping[str, str]) -> None:
     except OSError as exc:
         raise KontextError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the name was too long to create in the first place
+            tmp.unlink(missing_ok=True)
 
 
 def unused_path(path: Path) -> Path:

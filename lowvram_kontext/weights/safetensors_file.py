@@ -66,18 +66,27 @@ class SafetensorsFile:
             raw = f.read(header_len)
         try:
             header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise WeightFileError(
                 f"{self.path}: corrupt safetensors header ({exc.__class__.__name__})"
             ) from None
         if not isinstance(header, dict):
             raise WeightFileError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise WeightFileError(f"{self.path}: corrupt safetensors header (__metadata__ is not text by name)")
         self.data_start = 8 + header_len
         data_size = size - self.data_start
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
             self._entries[name] = self._check_entry(name, entry, data_size)
+        # The format indexes the data section whole; bytes beyond the last tensor mean a wrong header length.
+        covered = max((end for *_, end in self._entries.values()), default=0)
+        if covered != data_size:
+            raise WeightFileError(
+                f"{self.path}: corrupt safetensors file: its tensors end at byte {self.data_start + covered}, "
+                f"the file has {size}"
+            )
 
     def _check_entry(
         self, name: str, entry: object, data_size: int
@@ -87,9 +96,13 @@ class SafetensorsFile:
             dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]  # type: ignore[index]
         except (TypeError, KeyError, ValueError):
             raise WeightFileError(f"{where}: corrupt header entry") from None
-        if dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise WeightFileError(f"{where}: unsupported dtype {dtype_name!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int):
+        if (
+            not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+            or not (type(begin) is int and type(end) is int)
+        ):
             raise WeightFileError(f"{where}: corrupt shape or offsets in header")
         dtype = DTYPES[dtype_name]
         numel = 1
