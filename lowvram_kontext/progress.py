@@ -17,15 +17,21 @@ def _vram_note(device: torch.device) -> str:
 
 
 class Progress:
-    """Prints progress to stderr unless ``quiet``; stdout stays free for results."""
+    """Prints progress to stderr unless ``quiet`` (details only when ``verbose``); stdout stays free for results."""
 
-    def __init__(self, quiet: bool = False, device: torch.device | str = "cpu"):
+    def __init__(self, quiet: bool = False, device: torch.device | str = "cpu", verbose: bool = False):
         self.quiet = quiet
+        self.verbose = verbose and not quiet
         self.device = torch.device(device)
         self._step_started = 0.0
 
     def say(self, message: str) -> None:
         if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def detail(self, message: str) -> None:
+        """What only a ``--verbose`` run shows: the plan, per-stage peaks."""
+        if self.verbose:
             print(message, file=sys.stderr, flush=True)
 
     @contextmanager

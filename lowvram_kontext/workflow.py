@@ -145,7 +145,12 @@ class Editor:
         self.output_filter = output_filter
 
     def edit(self, image: Image.Image, prompt: str) -> Image.Image:
-        return self.pipeline.edit(image, prompt, self.steps, self.guidance, self.seed, self.width, self.height)
+        result = self.pipeline.edit(image, prompt, self.steps, self.guidance, self.seed, self.width, self.height)
+        stats = self.pipeline.stats
+        if stats.stage_peak_bytes:
+            peaks = ", ".join(f"{name} {peak / 2**30:.2f}" for name, peak in stats.stage_peak_bytes.items())
+            self.pipeline.progress.detail(f"peak GPU memory per stage (GiB): {peaks}")
+        return result
 
     def metadata(self, image: Image.Image, prompts: Sequence[str], source: str) -> dict[str, str]:
         """PNG text for a result: its own prompt, the earlier ones of its chain, and the settings."""

@@ -68,7 +68,7 @@ def add_edit_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-prompt-cache", action="store_true", help="always run the text encoders")
     parser.add_argument("--quiet", action="store_true", help="print only the output paths")
-    parser.add_argument("--verbose", action="store_true", help="also print the memory plan")
+    parser.add_argument("--verbose", action="store_true", help="also print the memory plan and per-stage GPU peaks")
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
@@ -103,8 +103,7 @@ def _apply_plan(args: argparse.Namespace, pipeline: KontextPipeline, width: int,
         f"profile {chosen.profile.name}: predicted peak {chosen.peak_bytes / 2**30:.2f} GiB, "
         f"{chosen.seconds_per_step:.2f} s/step"
     )
-    if args.verbose:
-        pipeline.progress.say(chosen.explain())
+    pipeline.progress.detail(chosen.explain())
 
 
 def start(args: argparse.Namespace) -> workflow.OutputFilter | None:
@@ -145,7 +144,7 @@ def editor(args: argparse.Namespace, pipeline: KontextPipeline, output_filter: w
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    progress = Progress(quiet=args.quiet, device=device)
+    progress = Progress(quiet=args.quiet, device=device, verbose=args.verbose)
     output_filter = start(args)
     if not args.prompt and not args.demo:
         raise KontextError("--prompt is required: the edit instruction")

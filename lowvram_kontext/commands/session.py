@@ -105,7 +105,7 @@ class Session:
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    progress = Progress(quiet=args.quiet, device=device)
+    progress = Progress(quiet=args.quiet, device=device, verbose=args.verbose)
     output_filter = start(args)
     out_dir = workflow.checked_folder(args.out_dir, "--out-dir")
     image = images.load_image(args.image)
