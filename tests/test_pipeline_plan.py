@@ -34,6 +34,20 @@ def _plan(root: Path, *, resident: int | str, tile: int | str = "never", name: s
     return plan(machine, profiles, SIZE, SIZE, sizes, name), {"machine": machine, "profiles": profiles, "sizes": sizes}
 
 
+@pytest.fixture
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The components the pipeline reads from disk, in order."""
+    names: list[str] = []
+    real_load = pipeline_module.load_component
+
+    def counting_load(name, *args, **kwargs):  # noqa: ANN001, ANN202
+        names.append(name)
+        return real_load(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "load_component", counting_load)
+    return names
+
+
 def _edit(pipe: KontextPipeline, seed: int = 3) -> np.ndarray:
     return np.asarray(pipe.edit(demo_image(SIZE), "a red hat", steps=2, seed=seed, width=SIZE, height=SIZE))
 
@@ -73,15 +87,7 @@ def test_text_encoders_and_transformer_are_freed_after_their_stages(tiny_root: P
     assert "transformer" not in pipe._held  # the plan gives the decoder the transformer's memory
 
 
-def test_kept_weights_are_read_from_disk_once_over_several_edits(tiny_root: Path, monkeypatch) -> None:  # noqa: ANN001
-    loads: list[str] = []
-    real_load = pipeline_module.load_component
-
-    def counting_load(name, *args, **kwargs):  # noqa: ANN001, ANN202
-        loads.append(name)
-        return real_load(name, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "load_component", counting_load)
+def test_kept_weights_are_read_from_disk_once_over_several_edits(tiny_root: Path, loads: list[str]) -> None:
     streamed_plan, _ = _plan(tiny_root, resident=1)
     pipe = KontextPipeline(_paths(tiny_root), plan=streamed_plan, keep_weights=True)
     images = [_edit(pipe, seed) for seed in (1, 2, 3)]
@@ -143,17 +149,9 @@ def test_image_is_valid(tiny_root: Path) -> None:
     assert image.size == (SIZE, SIZE)
 
 
-def test_a_repeated_prompt_skips_the_text_encoders(tiny_root: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_repeated_prompt_skips_the_text_encoders(tiny_root: Path, tmp_path: Path, loads: list[str]) -> None:
     from lowvram_kontext.prompt_cache import PromptCache
 
-    loads: list[str] = []
-    real_load = pipeline_module.load_component
-
-    def counting_load(name, *args, **kwargs):  # noqa: ANN001, ANN202
-        loads.append(name)
-        return real_load(name, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "load_component", counting_load)
     first = KontextPipeline(_paths(tiny_root), prompt_cache=PromptCache(tmp_path / "prompts"))
     fresh = first.encode_prompt("a red hat")
     assert sorted(loads) == ["clip", "t5"] and len(first.prompt_cache.entries()) == 1
