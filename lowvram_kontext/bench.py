@@ -22,6 +22,7 @@ import gc
 import json
 import statistics
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -35,12 +36,14 @@ from . import sampling
 from .demo import demo_image
 from .errors import KontextError
 from .hardware import GIB, MIB, Machine, cap_allocator, detect, process_vram_bytes
-from .pipeline import KontextPipeline, ModelPaths, default_dtype
+from .pipeline import KontextPipeline, ModelPaths, PipelineStats, default_dtype
 from .planner import ModelSizes, Plan, Profile, load_profiles, plan
 from .progress import Progress
+from .prompt_cache import PromptCache
 from .synthetic import stored_format, synthetic_model
 
 PROMPT = "Add a small red hat to the cat"
+SESSION_PROMPT = "Make it a snowy night"  # the session's second edit; its third repeats it
 GUIDANCE = 2.5
 SEED = 0
 STAGES = ("clip", "t5", "vae_encode", "transformer", "vae_decode")
@@ -76,6 +79,7 @@ class BenchSettings:
     steps: int = 4
     warmup: int = 1
     small: bool = False
+    session: bool = False  # after the measured edit, two more on the same pipeline (new prompt, repeated prompt)
 
 
 @dataclass
@@ -115,6 +119,11 @@ class Row:
     ratio_to_resident: float | None = None
     floor_seconds_per_step: float | None = None
     ratio_to_floor: float | None = None
+    # --session: the second and third edits on the kept pipeline (a new prompt, then the same again).
+    session_edit_seconds: list[float] = field(default_factory=list)  # whole edits, wall clock
+    session_sampling_decode_seconds: list[float] = field(default_factory=list)  # their transformer + VAE decode
+    session_ratio: float | None = None  # second edit over its own sampling + decode
+    session_text_encoders_ran: list[bool] = field(default_factory=list)  # False: served by the prompt cache
 
     @property
     def measured_peak(self) -> int | None:
@@ -165,6 +174,13 @@ class BenchReport:
             "excluded) and measured; "
             "* budget lifted"
         )
+        for r in self.rows:
+            if r.session_ratio is not None:
+                repeat = "skipped" if not r.session_text_encoders_ran[-1] else "ran"
+                lines.append(
+                    f"session {r.profile}: second edit {r.session_edit_seconds[0]:.2f} s = {r.session_ratio:.2f} x "
+                    f"its sampling + decode; a repeated prompt: text encoders {repeat}"
+                )
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -393,8 +409,18 @@ class _Bench:
             if self.cuda and budget is not None:
                 cap_allocator(self.device, budget, self.machine.cuda_context_bytes)
             with rss:
-                pipeline = KontextPipeline(paths, self.device, self.dtype, probe, plan=result, cache_dir=s.cache_dir)
+                cache = PromptCache(s.cache_dir / "prompts") if s.session else None
+                pipeline = KontextPipeline(
+                    paths, self.device, self.dtype, probe, plan=result, cache_dir=s.cache_dir,
+                    keep_weights=s.session, prompt_cache=cache,
+                )  # fmt: skip
+                if cache is not None:
+                    cache.clear()  # the first edit runs the text encoders, as a fresh run's would
                 _edit(pipeline, sizes, s)
+                first = pipeline.stats
+                if s.session:
+                    self.session_edits(row, pipeline, sizes)
+                pipeline.stats = first
             row.completed = True
         except (torch.OutOfMemoryError, KontextError) as exc:
             row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -425,6 +451,18 @@ class _Bench:
             name: _error_pct(row.predicted_peak_bytes[name], row.process_vram_bytes[name]) for name in STAGES
         }
 
+    def session_edits(self, row: Row, pipeline: KontextPipeline, sizes: ModelSizes) -> None:
+        """Two more edits on the pipeline that made the first: what a session's later edits cost."""
+        for prompt in (SESSION_PROMPT, SESSION_PROMPT):
+            pipeline.stats = PipelineStats()
+            start = time.perf_counter()
+            _edit(pipeline, sizes, self.settings, prompt)
+            row.session_edit_seconds.append(time.perf_counter() - start)
+            seconds = pipeline.stats.stage_seconds
+            row.session_sampling_decode_seconds.append(seconds["transformer"] + seconds["vae_decode"])
+            row.session_text_encoders_ran.append("t5" in seconds)
+        row.session_ratio = row.session_edit_seconds[0] / row.session_sampling_decode_seconds[0]
+
     def release(self) -> None:
         """Leave the device as the next profile should find it: empty, uncapped, peaks reset."""
         gc.collect()
@@ -452,9 +490,9 @@ class _Bench:
             row.ratio_to_floor = row.seconds_per_step / row.floor_seconds_per_step
 
 
-def _edit(pipeline: KontextPipeline, sizes: ModelSizes, s: BenchSettings) -> None:
+def _edit(pipeline: KontextPipeline, sizes: ModelSizes, s: BenchSettings, prompt: str = PROMPT) -> None:
     """One whole edit, stage by stage, with ``s.warmup`` + ``s.steps`` sampling steps."""
-    embedding = pipeline.encode_prompt(PROMPT)
+    embedding = pipeline.encode_prompt(prompt)
     condition = pipeline.encode_condition(demo_image(), s.width, s.height)
     noise = sampling.initial_noise(SEED, s.height, s.width, sizes.vae.z_channels, sizes.vae.downsample_factor)
     latent = pipeline.sample(embedding, condition, noise, s.warmup + s.steps, GUIDANCE)

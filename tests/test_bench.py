@@ -204,3 +204,20 @@ def test_bad_options_end_with_one_line(options: list[str], message: str, capsys:
     assert main(["bench", *options]) == 1
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_session_mode_times_later_edits_on_the_kept_pipeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lowvram_kontext import cli
+
+    out = tmp_path / "session.json"
+    argv = ["bench", "--synthetic", "--small", "--profiles", "resident-nf4", "--session", "--steps", "1", "--warmup",
+            "0", "--width", "32", "--height", "32", "--cache-dir", str(tmp_path / "c"), "--json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["completed"] and len(row["session_edit_seconds"]) == 2
+    assert row["session_text_encoders_ran"] == [True, False]  # the repeated prompt came from the cache
+    first, first_sampling = row["session_edit_seconds"][0], row["session_sampling_decode_seconds"][0]
+    assert row["session_ratio"] == pytest.approx(first / first_sampling)
+    assert "session resident-nf4: second edit" in capsys.readouterr().out

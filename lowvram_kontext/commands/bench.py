@@ -35,6 +35,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--cache-dir", type=Path, help="where the synthetic weights are kept (default: the cache folder's synthetic/)"
     )
+    parser.add_argument(
+        "--session", action="store_true", help="also time a session's later edits (weights kept, prompt cache)"
+    )
     parser.add_argument("--small", action="store_true", help="the tiny model instead of the full-size one (CPU tests)")
     parser.set_defaults(run=run)
 
@@ -58,6 +61,7 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
         steps=args.steps,
         warmup=args.warmup,
         small=args.small,
+        session=args.session,
     )
 
 
