@@ -239,8 +239,8 @@ class _Probe(Progress):
             yield
         self.stage_end[name] = self.read()
 
-    def step(self, done: int, total: int) -> None:
-        super().step(done, total)
+    def step(self, done: int, total: int, seconds: float) -> None:
+        super().step(done, total, seconds)
         self.steps.append(self.read())
 
 

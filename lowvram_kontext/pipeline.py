@@ -343,22 +343,19 @@ class KontextPipeline:
             out = transformer(img, ids, prompt.txt, txt_ids, t_vec, prompt.vec, guidance_vec)
             return out[:, :n_target]
 
-        step_seconds: list[float] = []
-        last = [time.perf_counter()]
+        step_ends: list[float] = []
 
         def on_step(done: int, total: int) -> None:
-            _synchronize(self.device)
-            now = time.perf_counter()
-            step_seconds.append(now - last[0])
-            last[0] = now
-            self.progress.step(done, total)
+            _synchronize(self.device)  # device work is asynchronous: a step ends when its kernels have
+            step_ends.append(time.perf_counter())
+            self.progress.step(done, total, step_ends[-1] - step_ends[-2])
 
         times = sampling.schedule(steps, n_target)
         self.progress.say(f"sampling {steps} steps, {n_target} target + {condition.shape[1]} condition tokens")
         with self._stage("transformer"):
-            self.progress.start_steps()
-            last[0] = time.perf_counter()
+            step_ends.append(time.perf_counter())
             tokens = sampling.euler(velocity, target.to(self.device), times, on_step=on_step)
+        step_seconds = [end - start for start, end in zip(step_ends[:-1], step_ends[1:], strict=True)]
         self.stats.step_seconds = step_seconds
         if engine is not None:
             self.stats.bytes_streamed_per_step = (engine.bytes_streamed - streamed_before) // steps

@@ -23,7 +23,6 @@ class Progress:
         self.quiet = quiet
         self.verbose = verbose and not quiet
         self.device = torch.device(device)
-        self._step_started = 0.0
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -41,10 +40,6 @@ class Progress:
         yield
         self.say(f"{name}: {time.perf_counter() - start:.2f} s{_vram_note(self.device)}")
 
-    def start_steps(self) -> None:
-        self._step_started = time.perf_counter()
-
-    def step(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        seconds, self._step_started = now - self._step_started, now
+    def step(self, done: int, total: int, seconds: float) -> None:
+        """Report sampling step ``done`` of ``total``, which took ``seconds`` (the caller measures it)."""
         self.say(f"  step {done}/{total}: {seconds:.2f} s/step{_vram_note(self.device)}")
