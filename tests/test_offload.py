@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import replace
 from functools import cache
+from itertools import chain
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from lowvram_kontext.offload import (
     plan_tiers,
     stream_model,
 )
+from lowvram_kontext.offload import engine as engine_module
 from lowvram_kontext.offload.tensors import BlockLayout
 from lowvram_kontext.tiny import TINY_FLUX, TINY_T5_WIDTH, random_state_dict
 from lowvram_kontext.weights.compressed_linear import replace_linears
@@ -206,7 +210,9 @@ def test_statistics():
     assert engine.pinned_bytes == 0  # nothing to pin for a CPU device
     assert engine.slot_bytes >= max(sizes[2:])
     assert engine.bytes_per_forward >= sum(sizes[2:])
-    assert engine.device_bytes() == 2 * engine.slot_bytes + engine.resident_bytes
+    total = sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
+    assert engine.outside_bytes == total - sum(sizes)  # what is not in a block: embedders, final layer
+    assert engine.device_bytes() == 2 * engine.slot_bytes + engine.resident_bytes + engine.outside_bytes
     loads = [step.block for step in engine.trace if step.action == "load"]
     copies = engine.copy_times()
     assert [c.block for c in copies] == loads
@@ -244,6 +250,69 @@ def test_detach_then_attach_again(tmp_path):
     assert torch.equal(run(model), resident_output("t5"))
     engine.detach()
     assert not has_hooks(model)
+
+
+def _tensor_addresses(model: nn.Module) -> list[int]:
+    return [t.data_ptr() for t in chain(model.parameters(), model.buffers())]
+
+
+@pytest.mark.parametrize("resident", [0, 2, "all"])
+@pytest.mark.parametrize("kind", ["flux", "t5"])
+def test_kept_host_copies_make_detach_and_attach_cheap(kind, resident, monkeypatch, tmp_path):
+    packed: list[int] = []
+    real_pack = engine_module.pack
+
+    def counting_pack(held, allocate):
+        packed.append(len(held))
+        return real_pack(held, allocate)
+
+    monkeypatch.setattr(engine_module, "pack", counting_pack)
+    model = random_model(kind)
+    expected = resident_output(kind)
+    resident = block_count(kind) if resident == "all" else resident
+    engine = stream_model(model, "cpu", resident, 1, host="mmap", cache_dir=tmp_path, keep_host=True)
+    assert len(packed) == block_count(kind) + 1  # every block, and the tensors outside the blocks
+    host_copies = None
+    for _ in range(3):
+        assert torch.equal(run(model), expected)
+        attached = _tensor_addresses(model)
+        engine.detach()
+        assert not has_hooks(model)
+        assert torch.equal(run(model), expected)  # from the host copies
+        host_copies = host_copies or _tensor_addresses(model)
+        assert _tensor_addresses(model) == host_copies  # the same copies every time, nothing copied back
+        assert attached != host_copies  # attached, the outside tensors at least were device copies
+        assert engine.attach() is engine
+    assert len(packed) == block_count(kind) + 1  # attaching again packed nothing
+    engine.close()
+    assert torch.equal(run(model), expected)
+
+
+def test_packing_frees_each_old_tensor_at_once(monkeypatch):
+    """With keep_host every tensor is packed; a group's old tensors go as soon as it is packed, so
+    packing never holds two host copies of more than the group at hand."""
+    model = random_model("flux")
+    originals = [weakref.ref(t) for t in chain(model.parameters(), model.buffers())]
+    old_alive: list[tuple[int, int]] = []  # after each pack: old tensors alive, tensors in that group
+    real_pack = engine_module.pack
+
+    def watching_pack(held, allocate):
+        result = real_pack(held, allocate)
+        gc.collect()
+        old_alive.append((sum(ref() is not None for ref in originals), len(held)))
+        return result
+
+    monkeypatch.setattr(engine_module, "pack", watching_pack)
+    engine = stream_model(model, "cpu", resident=2, prefetch=1, host="pageable", keep_host=True)
+    assert len(old_alive) == block_count("flux") + 1
+    packed_before = 0
+    for alive, group in old_alive:  # the earlier groups' old tensors are gone
+        assert alive == len(originals) - packed_before
+        packed_before += group
+    gc.collect()
+    assert all(ref() is None for ref in originals)
+    assert torch.equal(run(model), resident_output("flux"))
+    engine.close()
 
 
 def test_plan_tiers():
@@ -297,6 +366,27 @@ def test_cuda_streamed_equals_resident(kind, host, tmp_path):
     for _ in range(3):
         assert torch.equal(run(model, "cuda"), expected)
     engine.detach()
+
+
+@CUDA
+def test_cuda_kept_host_copies_free_the_device_on_detach():
+    expected = run(random_model("flux").cuda(), "cuda")
+    model = random_model("flux")
+    streamed = sum(BlockLayout(block_tensors(block)).nbytes for block in model_blocks(model)[2:])
+    before = torch.cuda.memory_allocated()
+    # Room to pin the streamed blocks only: the kept resident copies are pageable.
+    engine = stream_model(model, "cuda", 2, 1, host="pinned", pinned_cap_bytes=streamed, keep_host=True)
+    assert engine.pinned_bytes == streamed
+    for _ in range(3):
+        assert torch.equal(run(model, "cuda"), expected)
+        engine.detach()
+        assert all(t.device.type == "cpu" for t in chain(model.parameters(), model.buffers()))
+        assert torch.cuda.memory_allocated() == before
+        assert engine.pinned_bytes == streamed  # still pinned for the next attach
+        engine.attach()
+    engine.close()
+    assert engine.pinned_bytes == 0
+    assert all(t.device.type == "cpu" for t in chain(model.parameters(), model.buffers()))
 
 
 @CUDA

@@ -20,6 +20,12 @@ through a small ring of pinned staging buffers, the host-side copies running on 
 On a CPU device the same schedule runs with plain copies into CPU slots, so results and order can
 be checked anywhere. Nothing is allocated on the device after ``attach``.
 
+With ``keep_host`` the engine can be detached and attached again cheaply, as successive edits need:
+resident blocks (and the model's tensors outside the blocks) are packed into host buffers too, and
+attaching uploads each with one copy. Weights never change, so detaching only points the modules
+back at their host copies and drops the device buffers: nothing is copied back, nothing re-packed,
+and pinned buffers stay pinned until ``close``.
+
 If blocks run in an unexpected order (a forward that raised half way, say) the engine waits for its
 loads, drops them and restarts the schedule at the block being run: slower, still exact.
 """
@@ -39,7 +45,7 @@ from torch import Tensor, nn
 
 from ..errors import KontextError
 from .host import HOST_TIERS, HostMemory, plan_tiers
-from .tensors import BlockLayout, assign, block_tensors, check_materialized, pack
+from .tensors import BlockLayout, HeldTensor, assign, block_tensors, check_materialized, module_tensors, pack
 
 STAGING_CHUNK_BYTES = 16 << 20
 STAGING_BUFFERS = 4
@@ -64,15 +70,21 @@ class CopyTime:
 
 
 @dataclass
-class _Streamed:
-    """A streamed block: its layout, packed host buffer and tier, and its tensors' views per buffer."""
+class _Packed:
+    """Tensors packed into one host buffer: their layout, the buffer and its tier, their views of it."""
 
-    index: int
     layout: BlockLayout
     host: Tensor
     tier: str
     host_views: list[Tensor]
-    slot_views: list[list[Tensor]] = field(default_factory=list)  # per slot, while attached
+
+
+@dataclass
+class _Streamed(_Packed):
+    """A streamed block (``index`` in run order) and its tensors' views of each slot while attached."""
+
+    index: int = 0
+    slot_views: list[list[Tensor]] = field(default_factory=list)
 
 
 class StreamingEngine:
@@ -82,8 +94,10 @@ class StreamingEngine:
     ``pinned_cap_bytes``, pageable beyond; pageable on a CPU device), "pageable" or "mmap" (files
     in ``cache_dir``). ``prefetch`` is capped at the number of streamed blocks minus one.
     ``measure`` times every copy (see ``copy_times``); ``trace`` records the schedule in ``trace``.
-    For inference: parameters are frozen, and the blocks must not be moved (``.to``) while attached.
-    After ``detach`` resident blocks stay on the device and streamed blocks hold their host copies.
+    ``outside`` are the model's modules outside the blocks: their own tensors are on the device while
+    attached, like the resident blocks. For inference: parameters are frozen, and the blocks must not be moved (``.to``)
+    while attached. After ``detach`` streamed blocks hold their host copies; resident blocks and
+    ``outside`` stay on the device, or with ``keep_host`` hold their host copies too (see the module).
     """
 
     def __init__(
@@ -97,6 +111,8 @@ class StreamingEngine:
         cache_dir: Path | None = None,
         measure: bool = False,
         trace: bool = False,
+        outside: Sequence[nn.Module] = (),
+        keep_host: bool = False,
     ) -> None:
         if not 0 <= resident <= len(blocks):
             raise KontextError(f"streaming: {resident} resident blocks asked for, there are {len(blocks)}")
@@ -105,6 +121,8 @@ class StreamingEngine:
         if host not in HOST_TIERS:
             raise KontextError(f"streaming: unknown host memory tier {host!r}; expected one of {HOST_TIERS}")
         self.blocks = list(blocks)
+        self.outside = list(outside)
+        self.keep_host = keep_host
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -119,6 +137,7 @@ class StreamingEngine:
         self.trace: list[Step] | None = [] if trace else None
         self.bytes_streamed = 0
         self.resident_bytes = 0
+        self.outside_bytes = 0
         self.slot_bytes = 0
         self.staging_bytes = 0
         self._attached = False
@@ -126,6 +145,9 @@ class StreamingEngine:
         self._queue: deque[tuple[int, int, Future]] = deque()  # (position, slot, copy): issued, not run
         self._active: tuple[int, int] | None = None  # (position, slot) of the streamed block running now
         self._streamed: list[_Streamed] = []
+        self._resident: list[_Packed] = []  # with keep_host: outside, then the resident blocks
+        self._uploaded: list[Tensor] = []  # with keep_host, while attached: their device buffers
+        self._memory: HostMemory | None = None  # the packed host buffers' memory, from the first attach to close
         self.copy_stream: torch.cuda.Stream | None = None  # the side stream, while attached to a CUDA device
         self._timings: list[tuple[int, int, object]] = []
 
@@ -138,8 +160,14 @@ class StreamingEngine:
 
     @property
     def pinned_bytes(self) -> int:
-        """Host bytes of the streamed blocks that are pinned (staging buffers not included)."""
-        return sum(s.layout.nbytes for s in self._streamed if s.tier == "pinned")
+        """Host bytes of packed tensors that are pinned (staging buffers not included)."""
+        if self._memory is None:
+            return 0
+        return sum(p.layout.nbytes for p in [*self._streamed, *self._resident] if p.tier == "pinned")
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
 
     @property
     def tiers(self) -> list[str]:
@@ -147,8 +175,8 @@ class StreamingEngine:
         return [s.tier for s in self._streamed]
 
     def device_bytes(self) -> int:
-        """Device bytes the engine holds: the slots and the resident blocks."""
-        return self.slots * self.slot_bytes + self.resident_bytes
+        """Device bytes the engine holds while attached: slots, resident blocks, tensors outside the blocks."""
+        return self.slots * self.slot_bytes + self.resident_bytes + self.outside_bytes
 
     def copy_times(self) -> list[CopyTime]:
         """Every copy issued so far (with ``measure``), in order; waits for those in flight."""
@@ -158,17 +186,20 @@ class StreamingEngine:
     # ----- attaching
 
     def attach(self) -> StreamingEngine:
-        """Move resident blocks to the device, pack streamed ones on the host, hook them; returns self."""
+        """Put resident blocks on the device, pack streamed ones on the host (once), hook them; returns self."""
         if self._attached:
             raise KontextError("streaming: the engine is attached already")
-        for index, block in enumerate(self.blocks):
-            check_materialized(block, f"streaming: block {index}")
-        self.resident_bytes = 0
-        for block in self.blocks[: self.resident]:
-            for held in block_tensors(block):
-                assign(held, held.tensor.to(self.device))
-                self.resident_bytes += held.tensor.numel() * held.tensor.element_size()
-        self._pack()
+        if self._memory is None:
+            for index, block in enumerate(self.blocks):
+                check_materialized(block, f"streaming: block {index}")
+            self._pack()
+        if self.keep_host:
+            self._uploaded = [self._upload(p) for p in self._resident]
+            self.outside_bytes, *block_bytes = (p.layout.nbytes for p in self._resident)
+            self.resident_bytes = sum(block_bytes)
+        else:
+            self.outside_bytes = self._move(self._outside_tensors())
+            self.resident_bytes = sum(self._move(block_tensors(block)) for block in self.blocks[: self.resident])
         self._next_position = 0
         self._next_slot = 0
         self._hooks = []
@@ -188,15 +219,48 @@ class StreamingEngine:
         return self
 
     def _pack(self) -> None:
-        streamed = self.blocks[self.resident :]
-        sizes = [BlockLayout(block_tensors(block)).nbytes for block in streamed]
+        """Pack streamed blocks, and with ``keep_host`` the resident tensors, each into one host buffer.
+
+        Streamed blocks are copied every step, so they are pinned first; resident copies take what
+        is left of the pinned cap: they are copied once per attach.
+        """
+        # Each group's tensors are gathered only to pack it, so its old tensors are freed right after.
+        streamed = [partial(block_tensors, block) for block in self.blocks[self.resident :]]
+        resident = [partial(block_tensors, block) for block in self.blocks[: self.resident]]
+        resident = [self._outside_tensors, *resident] if self.keep_host else []
+        sizes = [BlockLayout(group()).nbytes for group in streamed]
         tiers = plan_tiers(sizes, self.host, self.pinned_cap_bytes, can_pin=self._cuda)
+        pinned = sum(size for size, tier in zip(sizes, tiers, strict=True) if tier == "pinned")
+        room = None if self.pinned_cap_bytes is None else self.pinned_cap_bytes - pinned
+        resident_tiers = plan_tiers([BlockLayout(group()).nbytes for group in resident], self.host, room, self._cuda)
         self._memory = HostMemory(self.cache_dir)
-        self._streamed = []
-        for offset, (block, tier) in enumerate(zip(streamed, tiers, strict=True)):
-            layout, buffer, views = pack(block, partial(self._memory.allocate, tier))
-            self._streamed.append(_Streamed(self.resident + offset, layout, buffer, tier, views))
+        self._streamed = [
+            _Streamed(*self._packed(group(), tier), index=self.resident + offset)
+            for offset, (group, tier) in enumerate(zip(streamed, tiers, strict=True))
+        ]
+        kept = zip(resident, resident_tiers, strict=True)
+        self._resident = [_Packed(*self._packed(group(), tier)) for group, tier in kept]
         self.slot_bytes = max(sizes, default=0)
+
+    def _outside_tensors(self) -> list[HeldTensor]:
+        return [held for module in self.outside for held in module_tensors(module)]
+
+    def _packed(self, held: Sequence[HeldTensor], tier: str) -> tuple[BlockLayout, Tensor, str, list[Tensor]]:
+        layout, buffer, views = pack(held, partial(self._memory.allocate, tier))
+        return layout, buffer, tier, views
+
+    def _move(self, held: Sequence[HeldTensor]) -> int:
+        """Move ``held`` to the device; returns their bytes."""
+        for h in held:
+            assign(h, h.tensor.to(self.device))
+        return sum(h.tensor.numel() * h.tensor.element_size() for h in held)
+
+    def _upload(self, packed: _Packed) -> Tensor:
+        """One copy of ``packed``'s host buffer to the device; its tensors then view the device copy."""
+        buffer = torch.empty(packed.layout.nbytes, dtype=torch.uint8, device=self.device)
+        buffer.copy_(packed.host, non_blocking=packed.tier == "pinned")  # the host copy never changes
+        packed.layout.point(packed.layout.views(buffer))
+        return buffer
 
     def _setup_copies(self) -> None:
         """The loader thread and, on CUDA, the copy stream, the slots' events and the staging ring."""
@@ -215,7 +279,11 @@ class StreamingEngine:
         self.staging_bytes = count * STAGING_CHUNK_BYTES
 
     def detach(self) -> None:
-        """Wait for the copies in flight, remove the hooks, free the slots and unpin the host copies."""
+        """Wait for the copies in flight, remove the hooks and free the slots; with ``keep_host``
+        resident tensors go back to their host copies and their device buffers are freed.
+
+        Without ``keep_host`` the host copies are unpinned too, as ``close`` does.
+        """
         if not self._attached:
             return
         for hook in self._hooks:
@@ -231,8 +299,23 @@ class StreamingEngine:
             self.copy_stream = None
             if self._cuda:
                 del self._copied, self._freed, self._ring, self._ring_free
-        self._memory.release()
+        for packed in self._resident:
+            packed.layout.point(packed.host_views)
+        self._uploaded = []
         self._attached = False
+        if not self.keep_host:
+            self._release_host()
+
+    def close(self) -> None:
+        """Detach, and give back the host memory: pinned buffers are unpinned (they stay valid as
+        pageable memory while tensors view them); a later ``attach`` packs again."""
+        self.detach()
+        self._release_host()
+
+    def _release_host(self) -> None:
+        if self._memory is not None:
+            self._memory.release()
+            self._memory = None
 
     def wait_for_loads(self) -> None:
         """Block until every load issued so far has landed in its slot."""

@@ -11,7 +11,7 @@ from ..errors import KontextError
 from ..models.flux import FluxTransformer
 from ..models.t5 import T5Encoder
 from .engine import StreamingEngine
-from .tensors import assign, check_materialized, module_tensors
+from .tensors import check_materialized
 
 
 def model_blocks(model: nn.Module) -> list[nn.Module]:
@@ -37,19 +37,18 @@ def stream_model(
     cache_dir: Path | None = None,
     measure: bool = False,
     trace: bool = False,
+    keep_host: bool = False,
 ) -> StreamingEngine:
-    """Move ``model``'s tensors outside its blocks to ``device`` and attach an engine to its blocks.
+    """Attach an engine to ``model``'s blocks; its tensors outside the blocks go to ``device`` whole.
 
     The arguments after ``model`` are those of ``StreamingEngine``; returns the attached engine.
     """
-    blocks = model_blocks(model)
-    engine = StreamingEngine(
-        blocks, device, resident, prefetch, host, pinned_cap_bytes, cache_dir, measure=measure, trace=trace
-    )
     check_materialized(model, type(model).__name__)
+    blocks = model_blocks(model)
     inside = {id(module) for block in blocks for module in block.modules()}
-    for module in model.modules():
-        if id(module) not in inside:
-            for held in module_tensors(module):
-                assign(held, held.tensor.to(engine.device))
+    outside = [module for module in model.modules() if id(module) not in inside]
+    engine = StreamingEngine(
+        blocks, device, resident, prefetch, host, pinned_cap_bytes, cache_dir,
+        measure=measure, trace=trace, outside=outside, keep_host=keep_host,
+    )  # fmt: skip
     return engine.attach()

@@ -103,13 +103,12 @@ class BlockLayout:
             _put(*place, view)
 
 
-def pack(block: nn.Module, allocate: Callable[[int], Tensor]) -> tuple[BlockLayout, Tensor, list[Tensor]]:
-    """Copy ``block``'s tensors into one buffer from ``allocate(nbytes)`` and make them views of it.
+def pack(held: Sequence[HeldTensor], allocate: Callable[[int], Tensor]) -> tuple[BlockLayout, Tensor, list[Tensor]]:
+    """Copy the ``held`` tensors into one buffer from ``allocate(nbytes)`` and make them views of it.
 
-    Returns the layout, the buffer and the views the block now holds. The block's previous tensors
-    are released as soon as nothing else refers to them, so only one host copy remains.
+    Returns the layout, the buffer and the views their owners now hold. The previous tensors are
+    released as soon as nothing else refers to them, so only one host copy remains.
     """
-    held = block_tensors(block)
     layout = BlockLayout(held)
     buffer = allocate(layout.nbytes)
     layout.write(held, buffer)
