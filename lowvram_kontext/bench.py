@@ -122,8 +122,9 @@ class Row:
     # --session: the second and third edits on the kept pipeline (a new prompt, then the same again).
     session_edit_seconds: list[float] = field(default_factory=list)  # whole edits, wall clock
     session_sampling_decode_seconds: list[float] = field(default_factory=list)  # their transformer + VAE decode
-    session_ratio: float | None = None  # second edit over its own sampling + decode
+    session_ratios: list[float] = field(default_factory=list)  # each edit over its own sampling + decode
     session_text_encoders_ran: list[bool] = field(default_factory=list)  # False: served by the prompt cache
+    session_kept_on_device: list[list[str]] = field(default_factory=list)  # components left on the GPU after each
 
     @property
     def measured_peak(self) -> int | None:
@@ -175,11 +176,14 @@ class BenchReport:
             "* budget lifted"
         )
         for r in self.rows:
-            if r.session_ratio is not None:
-                repeat = "skipped" if not r.session_text_encoders_ran[-1] else "ran"
+            for number, (seconds, ratio, ran) in enumerate(
+                zip(r.session_edit_seconds, r.session_ratios, r.session_text_encoders_ran, strict=True), start=2
+            ):
+                encoders = "text encoders ran (new prompt)" if ran else "text encoders skipped (repeated prompt)"
+                kept = ", ".join(r.session_kept_on_device[number - 2]) or "nothing"
                 lines.append(
-                    f"session {r.profile}: second edit {r.session_edit_seconds[0]:.2f} s = {r.session_ratio:.2f} x "
-                    f"its sampling + decode; a repeated prompt: text encoders {repeat}"
+                    f"session {r.profile}: edit {number} {seconds:.2f} s = {ratio:.3f} x its sampling + decode; "
+                    f"{encoders}; kept on the GPU after it: {kept}"
                 )
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
@@ -461,7 +465,8 @@ class _Bench:
             seconds = pipeline.stats.stage_seconds
             row.session_sampling_decode_seconds.append(seconds["transformer"] + seconds["vae_decode"])
             row.session_text_encoders_ran.append("t5" in seconds)
-        row.session_ratio = row.session_edit_seconds[0] / row.session_sampling_decode_seconds[0]
+            row.session_ratios.append(row.session_edit_seconds[-1] / row.session_sampling_decode_seconds[-1])
+            row.session_kept_on_device.append(pipeline.on_device)
 
     def release(self) -> None:
         """Leave the device as the next profile should find it: empty, uncapped, peaks reset."""

@@ -31,6 +31,14 @@ from .weights.loading import COMPONENTS, load_component, open_component
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 2.5
 BLOCK_COMPONENTS = ("transformer", "t5")  # what a plan stores in its own format and may stream
+# The components each stage's planned peak counts (the transformer stage keeps the VAE loaded).
+STAGE_COMPONENTS = {
+    "clip": ("clip",),
+    "t5": ("t5",),
+    "vae_encode": ("vae",),
+    "transformer": ("transformer", "vae"),
+    "vae_decode": ("vae",),
+}
 DECODE_OVERLAP = 8  # latent pixels shared by neighbouring VAE tiles (at most a quarter of a tile)
 ENCODE_OVERLAP = 64  # image pixels, likewise
 
@@ -152,8 +160,12 @@ class KontextPipeline:
 
         With ``keep_weights`` every component stays loaded between edits: what a stage no longer
         needs on the device goes back to host memory instead of being dropped, so the next edit
-        reads nothing from disk (successive edits, sessions, batches). Without it the text encoders
-        and, under a plan, the transformer are dropped once used, which keeps host memory lowest.
+        reads nothing from disk (successive edits, sessions, batches). Under a plan a component then
+        stays on the device after its stage until a later stage's planned peak needs its room (see
+        ``_make_room``), and the transformer and T5 keep packed (pinned, within the profile's cap)
+        host copies of all their blocks: giving back their device memory copies nothing, and taking
+        it again is one upload per block. Without it the text encoders and, under a plan, the
+        transformer are dropped once used, which keeps host memory lowest.
         With a ``prompt_cache`` a prompt seen before with the same text encoders skips them entirely.
         """
         self.paths = paths
@@ -170,7 +182,8 @@ class KontextPipeline:
         self._tokenizers = load_tokenizers(paths.tokenizers)
         self._vae_config = open_component(COMPONENTS["vae"], paths.vae)[0]
         self._held: dict[str, nn.Module] = {}  # loaded components, on the device or parked on the host
-        self._engines: dict[str, StreamingEngine] = {}  # the streaming engines of components on the device
+        self._engines: dict[str, StreamingEngine] = {}  # of components on the device, or parked with keep_weights
+        self._on_device: set[str] = set()  # components whose weights are on the device now
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -197,54 +210,95 @@ class KontextPipeline:
         """The plan's stage for the transformer or T5 (whose format and streaming it decides), else None."""
         return self.plan.stage(name) if self.plan is not None and name in BLOCK_COMPONENTS else None
 
-    def _acquire(self, name: str) -> nn.Module:
-        """The component ready to run on the device: loaded once (in the plan's format), then kept.
+    @property
+    def on_device(self) -> list[str]:
+        """The components whose weights are on the device now (kept there between stages or edits)."""
+        return sorted(self._on_device)
 
-        A component whose blocks the plan streams gets a streaming engine; the rest of it, and any
-        other component, sits on the device whole.
+    def _acquire(self, name: str, stage: str) -> nn.Module:
+        """The component ready to run ``stage`` on the device: loaded once (in the plan's format), then kept.
+
+        Under a plan a component with blocks gets a streaming engine when the plan streams some of
+        its blocks, or with ``keep_weights`` (so that parking it is free); any other component sits
+        on the device whole.
         """
+        self._make_room(stage)
+        self._on_device.add(name)
         planned = self._planned(name)
-        stage = planned if planned is not None and planned.streamed_blocks else None
+        engine = self._engines.get(name)
+        if engine is not None:
+            if not engine.attached:
+                engine.attach()
+            return self._held[name]
+        use_engine = planned is not None and (planned.streamed_blocks > 0 or self.keep_weights)
         model = self._held.get(name)
         if model is None:
             storage = planned.format if planned is not None else "file"
-            model = self._load(name, storage, device=torch.device("cpu") if stage is not None else self.device)
+            model = self._load(name, storage, device=torch.device("cpu") if use_engine else self.device)
             self._held[name] = model
-        if stage is None:
+        if not use_engine:
             return model.to(self.device)
-        if name not in self._engines:
-            settings = self.plan.profile.transformer if name == "transformer" else self.plan.profile.t5
-            self._engines[name] = stream_model(
-                model,
-                self.device,
-                resident=stage.resident_blocks,
-                prefetch=stage.prefetch,
-                host=settings.host,
-                pinned_cap_bytes=self.plan.profile.pinned_cap_bytes,
-                cache_dir=self.cache_dir,
-                measure=self.device.type == "cuda",
-            )
+        settings = self.plan.profile.transformer if name == "transformer" else self.plan.profile.t5
+        pinned_elsewhere = sum(e.pinned_bytes for e in self._engines.values())
+        self._engines[name] = stream_model(
+            model,
+            self.device,
+            resident=planned.resident_blocks,
+            prefetch=planned.prefetch,
+            host=settings.host,
+            pinned_cap_bytes=max(self.plan.profile.pinned_cap_bytes - pinned_elsewhere, 0),
+            cache_dir=self.cache_dir,
+            measure=self.device.type == "cuda",
+            keep_host=self.keep_weights,
+        )
         return model
+
+    def _make_room(self, stage: str) -> None:
+        """Park components the plan did not count in ``stage``, largest first, while its planned peak
+        plus what they hold on the device would pass the budget."""
+        if self.plan is None:
+            return
+        others = {n: self._device_bytes(n) for n in self._on_device if n not in STAGE_COMPONENTS[stage]}
+        needed = self.plan.stage(stage).peak_bytes + sum(others.values())
+        for name in sorted(others, key=others.__getitem__, reverse=True):
+            if needed <= self.plan.budget_bytes:
+                break
+            self._park(name)
+            needed -= others[name]
+
+    def _device_bytes(self, name: str) -> int:
+        """What component ``name`` (on the device) holds there: its engine's share, else all its tensors."""
+        engine = self._engines.get(name)
+        if engine is not None:
+            return engine.device_bytes()
+        model = self._held[name]
+        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+    def _done_with(self, name: str) -> None:
+        """A stage has finished with ``name``. With ``keep_weights`` under a plan it stays on the device
+        until a stage needs the room; otherwise it gives back its memory now."""
+        if self.plan is None or not self.keep_weights:
+            self._park(name)
 
     def _park(self, name: str) -> None:
         """Give back the device memory of a component: to host memory with ``keep_weights``, else dropped."""
-        engine = self._engines.pop(name, None)
-        if engine is not None:
-            engine.detach()
         model = self._held.get(name)
         if model is None:
             return
+        self._on_device.discard(name)
+        engine = self._engines.get(name)
         if self.keep_weights:
-            model.to("cpu")
+            if engine is not None:
+                engine.detach()  # its tensors view their host copies again
+            else:
+                model.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         else:
+            if engine is not None:
+                self._engines.pop(name).close()
             del self._held[name]
             free(model)
-
-    @property
-    def vae(self) -> nn.Module:
-        return self._acquire("vae")
 
     def _vae_tile(self, stage: str) -> int | None:
         """The plan's VAE tile side for ``stage`` in image pixels; None to run whole."""
@@ -253,7 +307,7 @@ class KontextPipeline:
     @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> PromptEmbedding:
         """Run CLIP and T5 on the prompt (or take their output from the cache); both give their device
-        memory back before returning."""
+        memory back before returning unless the pipeline keeps weights under a plan."""
         cache_key = self._prompt_key(prompt)
         if cache_key is not None:
             cached = self.prompt_cache.get(cache_key)
@@ -262,14 +316,14 @@ class KontextPipeline:
                 txt, vec = (t.to(self.device, self.dtype) for t in cached)
                 return PromptEmbedding(txt=txt, vec=vec)
         clip_tokens, t5_tokens = (t.as_tensor(prompt).to(self.device) for t in self._tokenizers)
-        clip = self._acquire("clip")
+        clip = self._acquire("clip", "clip")
         with self._stage("clip"):
             vec = clip(clip_tokens)
-        self._park("clip")
-        t5 = self._acquire("t5")
+        self._done_with("clip")
+        t5 = self._acquire("t5", "t5")
         with self._stage("t5"):
             txt = t5(t5_tokens)
-        self._park("t5")
+        self._done_with("t5")
         if cache_key is not None and not self.prompt_cache.put(cache_key, txt.cpu(), vec.cpu(), prompt=prompt):
             self.progress.say(f"prompt embedding: could not write the cache in {self.prompt_cache.folder}")
         return PromptEmbedding(txt=txt, vec=vec)
@@ -303,7 +357,7 @@ class KontextPipeline:
     def encode_condition(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """The condition image, resized and VAE-encoded, as packed tokens."""
         pixels = images.to_tensor(images.resize(image, width, height)).to(self.device, self.dtype)
-        vae = self.vae
+        vae = self._acquire("vae", "vae_encode")
         tile = self._vae_tile("vae_encode")
         with self._stage("vae_encode"):
             if tile is None:
@@ -332,7 +386,7 @@ class KontextPipeline:
         txt_ids = torch.zeros(1, prompt.txt.shape[1], 3, device=self.device, dtype=self.dtype)
         guidance_vec = torch.full((1,), guidance, device=self.device, dtype=self.dtype)
         n_target = target.shape[1]
-        transformer = self._acquire("transformer")
+        transformer = self._acquire("transformer", "transformer")
         engine = self._engines.get("transformer")
         streamed_before = engine.bytes_streamed if engine is not None else 0
         copies_before = len(engine.copy_times()) if engine is not None else 0
@@ -367,8 +421,8 @@ class KontextPipeline:
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> Image.Image:
         if self.plan is not None:
-            self._park("transformer")  # the plan gives the decoder the memory the transformer held
-        vae = self.vae
+            self._done_with("transformer")  # the plan gives the decoder the memory the transformer held
+        vae = self._acquire("vae", "vae_decode")
         tile = self._vae_tile("vae_decode")
         with self._stage("vae_decode"):
             z = latent.to(self.device, self.dtype)
@@ -382,10 +436,11 @@ class KontextPipeline:
     def release(self) -> None:
         """Free everything the pipeline holds, on the device and on the host."""
         for engine in self._engines.values():
-            engine.detach()
+            engine.close()
         self._engines.clear()
         free(*self._held.values())
         self._held.clear()
+        self._on_device.clear()
 
     def edit(
         self,

@@ -150,6 +150,9 @@ class Editor:
         if stats.stage_peak_bytes:
             peaks = ", ".join(f"{name} {peak / 2**30:.2f}" for name, peak in stats.stage_peak_bytes.items())
             self.pipeline.progress.detail(f"peak GPU memory per stage (GiB): {peaks}")
+        if self.pipeline.keep_weights:
+            kept = ", ".join(self.pipeline.on_device) or "nothing"
+            self.pipeline.progress.detail(f"kept on the {self.pipeline.device.type.upper()} for the next edit: {kept}")
         return result
 
     def metadata(self, image: Image.Image, prompts: Sequence[str], source: str) -> dict[str, str]:

@@ -87,14 +87,41 @@ def test_text_encoders_and_transformer_are_freed_after_their_stages(tiny_root: P
     assert "transformer" not in pipe._held  # the plan gives the decoder the transformer's memory
 
 
-def test_kept_weights_are_read_from_disk_once_over_several_edits(tiny_root: Path, loads: list[str]) -> None:
+def test_kept_weights_are_read_from_disk_once_over_several_edits(
+    tiny_root: Path, loads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engines: list[str] = []
+    real_stream_model = pipeline_module.stream_model
+
+    def counting_stream_model(model, *args, **kwargs):  # noqa: ANN001, ANN202
+        engines.append(f"{type(model).__name__}, keep_host={kwargs['keep_host']}")
+        return real_stream_model(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "stream_model", counting_stream_model)
     streamed_plan, _ = _plan(tiny_root, resident=1)
     pipe = KontextPipeline(_paths(tiny_root), plan=streamed_plan, keep_weights=True)
     images = [_edit(pipe, seed) for seed in (1, 2, 3)]
     assert sorted(loads) == ["clip", "t5", "transformer", "vae"]
+    # Each packed once, then parked and attached again.
+    assert engines == ["T5Encoder, keep_host=True", "FluxTransformer, keep_host=True"]
     assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
     again = KontextPipeline(_paths(tiny_root), plan=streamed_plan)
     assert np.array_equal(_edit(again, 3), images[2])  # kept weights change nothing
+
+
+def test_kept_components_stay_on_the_device_until_a_stage_needs_the_room(tiny_root: Path) -> None:
+    roomy, _ = _plan(tiny_root, resident=1)
+    pipe = KontextPipeline(_paths(tiny_root), plan=roomy, keep_weights=True)
+    first = _edit(pipe)
+    assert pipe.on_device == ["clip", "t5", "transformer", "vae"]  # 8 GiB holds the tiny model whole
+    assert np.array_equal(_edit(pipe), first)
+
+    tight = KontextPipeline(_paths(tiny_root), plan=replace(roomy, budget_bytes=0), keep_weights=True)
+    tight.encode_prompt("a red hat")
+    assert tight.on_device == ["t5"]  # T5's stage took CLIP's room
+    assert np.array_equal(_edit(tight), first)
+    assert tight.on_device == ["vae"]  # the decode took the transformer's
+    assert np.array_equal(_edit(KontextPipeline(_paths(tiny_root), plan=roomy)), first)
 
 
 def test_tiled_vae_plan_runs_and_stays_close_to_untiled(tiny_root: Path) -> None:

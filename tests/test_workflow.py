@@ -102,7 +102,7 @@ def test_session_in_process_with_undo_and_save(
 
 
 def test_session_through_a_pipe(tiny_root: Path, input_png: Path, tmp_path: Path) -> None:
-    argv = ["session", *_model(tiny_root), "--image", str(input_png), "--out-dir", str(tmp_path), *SMALL]
+    argv = ["session", *_model(tiny_root), "--image", str(input_png), "--out-dir", str(tmp_path), *SMALL, "--verbose"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run(
         [sys.executable, "-m", "lowvram_kontext", *argv],
@@ -118,6 +118,7 @@ def test_session_through_a_pipe(tiny_root: Path, input_png: Path, tmp_path: Path
     assert _all_different([input_png, *written])
     assert done.stderr.count("Non-Commercial License") == 1
     assert done.stderr.count("load FLUX transformer") == 1  # the verbose log shows one load per run
+    assert done.stderr.count("kept on the CPU for the next edit: transformer, vae") == 3
 
 
 def test_batch_over_folder_reports_failures(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
