@@ -103,6 +103,9 @@ class Row:
     predicted_allocator_bytes: dict[str, int] = field(default_factory=dict)  # the same less the CUDA context
     measured_peak_bytes: dict[str, int | None] = field(default_factory=dict)  # allocator peak per stage
     process_vram_bytes: dict[str, int | None] = field(default_factory=dict)  # NVML, stage end / peak step
+    # Device bytes that components kept from earlier stages held (--session), outside the stage's plan:
+    # the two figures above include them, the errors below leave them out.
+    kept_bytes: dict[str, int] = field(default_factory=dict)
     process_error_pct: dict[str, float | None] = field(default_factory=dict)  # whole predicted peak vs NVML
     peak_error_pct: dict[str, float | None] = field(default_factory=dict)  # 100 (pred - meas) / meas; "peak": largest
     predicted_seconds_per_step: float = 0.0
@@ -128,8 +131,8 @@ class Row:
 
     @property
     def measured_peak(self) -> int | None:
-        """The largest stage's allocator peak."""
-        known = [v for v in self.measured_peak_bytes.values() if v is not None]
+        """The largest stage's allocator peak, less what components kept from earlier stages held."""
+        known = [v - self.kept_bytes.get(k, 0) for k, v in self.measured_peak_bytes.items() if v is not None]
         return max(known) if known else None
 
     @property
@@ -172,7 +175,7 @@ class BenchReport:
             )
         lines.append(
             "pred/meas GiB: the largest stage's allocator peak, predicted (context and runtime reserve "
-            "excluded) and measured; "
+            "excluded) and measured (less components a session kept from earlier stages); "
             "* budget lifted"
         )
         for r in self.rows:
@@ -198,6 +201,10 @@ def _size(nbytes: int) -> str:
 
 def _gib(value: int | None) -> str:
     return _num(None if value is None else value / GIB, 2)
+
+
+def _less(measured: int | None, kept: int) -> int | None:
+    return None if measured is None else measured - kept
 
 
 def _error_pct(predicted: int, measured: int | None) -> float | None:
@@ -449,10 +456,13 @@ class _Bench:
         row.process_vram_bytes = {name: probe.stage_end.get(name) for name in STAGES}
         steps = [b for b in probe.steps if b is not None]
         row.process_vram_bytes["transformer"] = max(steps, default=row.process_vram_bytes["transformer"])
-        row.peak_error_pct = {name: _error_pct(row.predicted_allocator_bytes[name], peaks[name]) for name in STAGES}
+        row.kept_bytes = {name: stats.stage_kept_bytes.get(name, 0) for name in STAGES}
+        own = {name: _less(peaks[name], row.kept_bytes[name]) for name in STAGES}
+        row.peak_error_pct = {name: _error_pct(row.predicted_allocator_bytes[name], own[name]) for name in STAGES}
         row.peak_error_pct["peak"] = _error_pct(row.predicted_peak, row.measured_peak)
         row.process_error_pct = {
-            name: _error_pct(row.predicted_peak_bytes[name], row.process_vram_bytes[name]) for name in STAGES
+            name: _error_pct(row.predicted_peak_bytes[name], _less(row.process_vram_bytes[name], row.kept_bytes[name]))
+            for name in STAGES
         }
 
     def session_edits(self, row: Row, pipeline: KontextPipeline, sizes: ModelSizes) -> None:

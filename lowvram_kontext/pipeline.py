@@ -2,6 +2,8 @@
 
 tokenize -> CLIP and T5 (freed after) -> VAE encode of the condition image -> transformer sampling
 -> VAE decode. Components are loaded from whatever files the user has (see ``weights.loading``).
+A pipeline that keeps its weights for successive edits frees nothing: it parks a component in host
+memory only when a later stage's planned peak needs its room on the device.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from . import images, sampling
 from .errors import KontextError
-from .offload import StreamingEngine, stream_model
+from .offload import StreamingEngine, stream_model, trim_heap
 from .planner import Plan, StagePlan
 from .progress import Progress
 from .prompt_cache import PromptCache, encoder_identity
@@ -115,6 +117,8 @@ class PipelineStats:
     """What the last run of each stage cost (device figures are zero on a CPU)."""
 
     stage_peak_bytes: dict[str, int] = field(default_factory=dict)  # allocator peak per stage
+    # Device bytes of components the stage's plan does not count, kept there from earlier stages.
+    stage_kept_bytes: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     load_seconds: dict[str, float] = field(default_factory=dict)  # per component
     step_seconds: list[float] = field(default_factory=list)  # each sampling step, synchronized
@@ -127,6 +131,7 @@ def free(*modules: nn.Module) -> None:
     for module in modules:
         module.to("meta")
     gc.collect()
+    trim_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -188,6 +193,8 @@ class KontextPipeline:
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
         """Run a stage: its time and its device peak go to ``stats`` and the progress line."""
+        kept = [n for n in self._on_device if n not in STAGE_COMPONENTS[name]]
+        self.stats.stage_kept_bytes[name] = sum(map(self._device_bytes, kept))
         _synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -288,12 +295,12 @@ class KontextPipeline:
         self._on_device.discard(name)
         engine = self._engines.get(name)
         if self.keep_weights:
+            # The allocator keeps the freed blocks for the next stage (and gives them back itself
+            # should an allocation not fit): emptying its cache would only map them again.
             if engine is not None:
                 engine.detach()  # its tensors view their host copies again
             else:
                 model.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
         else:
             if engine is not None:
                 self._engines.pop(name).close()

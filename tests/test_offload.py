@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import weakref
 from dataclasses import replace
 from functools import cache
@@ -24,6 +27,7 @@ from lowvram_kontext.offload import (
     stream_model,
 )
 from lowvram_kontext.offload import engine as engine_module
+from lowvram_kontext.offload import host as host_module
 from lowvram_kontext.offload.tensors import BlockLayout
 from lowvram_kontext.tiny import TINY_FLUX, TINY_T5_WIDTH, random_state_dict
 from lowvram_kontext.weights.compressed_linear import replace_linears
@@ -313,6 +317,39 @@ def test_packing_frees_each_old_tensor_at_once(monkeypatch):
     assert all(ref() is None for ref in originals)
     assert torch.equal(run(model), resident_output("flux"))
     engine.close()
+
+
+# In a fresh interpreter, with glibc's thresholds fixed: a heap that has run other tests, or another
+# glibc's adaptive defaults, would make the outcome depend on history.
+TRIM_SCENARIO = """
+import ctypes
+from lowvram_kontext.offload import trim_heap
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: blocks under 64 MiB come from the heap, as loaded tensors do
+libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: free() leaves the heap's top to us
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1])
+
+blocks = [libc.malloc(8 << 20) for _ in range(32)]  # 256 MiB
+for block in blocks:
+    ctypes.memset(block, 1, 8 << 20)
+for block in blocks:
+    libc.free(ctypes.c_void_p(block))
+before = rss()
+trim_heap()
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(host_module._MALLOC_TRIM is None, reason="needs glibc's malloc_trim")
+def test_trim_heap_gives_back_freed_tensor_memory():
+    """Freed heap blocks, as packing a loaded model leaves them, go back to the system."""
+    done = subprocess.run([sys.executable, "-c", TRIM_SCENARIO], capture_output=True, text=True, check=True)
+    assert int(done.stdout) * os.sysconf("SC_PAGE_SIZE") > 128 << 20
 
 
 def test_plan_tiers():

@@ -115,12 +115,15 @@ def test_kept_components_stay_on_the_device_until_a_stage_needs_the_room(tiny_ro
     first = _edit(pipe)
     assert pipe.on_device == ["clip", "t5", "transformer", "vae"]  # 8 GiB holds the tiny model whole
     assert np.array_equal(_edit(pipe), first)
+    kept = pipe.stats.stage_kept_bytes  # what the stages' plans do not count
+    assert set(kept) == {"clip", "t5", "vae_encode", "transformer", "vae_decode"} and all(kept.values())
 
     tight = KontextPipeline(_paths(tiny_root), plan=replace(roomy, budget_bytes=0), keep_weights=True)
     tight.encode_prompt("a red hat")
     assert tight.on_device == ["t5"]  # T5's stage took CLIP's room
     assert np.array_equal(_edit(tight), first)
     assert tight.on_device == ["vae"]  # the decode took the transformer's
+    assert set(tight.stats.stage_kept_bytes.values()) == {0}
     assert np.array_equal(_edit(KontextPipeline(_paths(tiny_root), plan=roomy)), first)
 
 

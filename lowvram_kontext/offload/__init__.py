@@ -5,7 +5,7 @@ any list of blocks run in a fixed order. See ``engine`` for the schedule and ``h
 """
 
 from .engine import CopyTime, Step, StreamingEngine
-from .host import HOST_TIERS, plan_tiers
+from .host import HOST_TIERS, plan_tiers, trim_heap
 from .streaming import model_blocks, stream_model
 from .tensors import HeldTensor, block_tensors
 
@@ -19,4 +19,5 @@ __all__ = [
     "model_blocks",
     "plan_tiers",
     "stream_model",
+    "trim_heap",
 ]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import KontextError
-from .host import HOST_TIERS, HostMemory, plan_tiers
+from .host import HOST_TIERS, HostMemory, plan_tiers, trim_heap
 from .tensors import BlockLayout, HeldTensor, assign, block_tensors, check_materialized, module_tensors, pack
 
 STAGING_CHUNK_BYTES = 16 << 20
@@ -235,18 +235,22 @@ class StreamingEngine:
         resident_tiers = plan_tiers([BlockLayout(group()).nbytes for group in resident], self.host, room, self._cuda)
         self._memory = HostMemory(self.cache_dir)
         self._streamed = [
-            _Streamed(*self._packed(group(), tier), index=self.resident + offset)
+            _Streamed(*self._packed(group, tier), index=self.resident + offset)
             for offset, (group, tier) in enumerate(zip(streamed, tiers, strict=True))
         ]
         kept = zip(resident, resident_tiers, strict=True)
-        self._resident = [_Packed(*self._packed(group(), tier)) for group, tier in kept]
+        self._resident = [_Packed(*self._packed(group, tier)) for group, tier in kept]
         self.slot_bytes = max(sizes, default=0)
 
     def _outside_tensors(self) -> list[HeldTensor]:
         return [held for module in self.outside for held in module_tensors(module)]
 
-    def _packed(self, held: Sequence[HeldTensor], tier: str) -> tuple[BlockLayout, Tensor, str, list[Tensor]]:
-        layout, buffer, views = pack(held, partial(self._memory.allocate, tier))
+    def _packed(
+        self, group: Callable[[], list[HeldTensor]], tier: str
+    ) -> tuple[BlockLayout, Tensor, str, list[Tensor]]:
+        """Pack ``group()`` into a ``tier`` buffer; its old tensors are freed and given back at once."""
+        layout, buffer, views = pack(group(), partial(self._memory.allocate, tier))
+        trim_heap()
         return layout, buffer, tier, views
 
     def _move(self, held: Sequence[HeldTensor]) -> int:

@@ -10,11 +10,13 @@ and may drop them again under memory pressure.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import sys
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 
@@ -42,6 +44,30 @@ def plan_tiers(
         tiers.append("pinned" if fits else "pageable")
         pinned += nbytes if fits else 0
     return tiers
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; other C libraries lack it
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system.
+
+    glibc's malloc raises its mmap threshold once a large block is freed, and then keeps freed
+    blocks below it in the heap: loading a model tensor by tensor and packing it into our own
+    buffers would leave a model's worth of freed memory in the process (6 GiB for the NF4
+    transformer). Does nothing without glibc.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _unregister(buffers: list[torch.Tensor]) -> None:
