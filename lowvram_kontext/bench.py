@@ -368,11 +368,11 @@ class _Bench:
         """(plan, budget enforced, lifted): a reference that does not fit the budget runs on the card."""
         s, profile = self.settings, self.profiles[name]
         machine, budget = self.card(profile, s.budget_bytes)
-        result = plan(machine, self.profiles, s.width, s.height, sizes, name)
+        result = plan(machine, self.profiles, s.width, s.height, sizes, name, keep_weights=s.session)
         if not (reference and not result.fits and s.budget_bytes is not None):
             return result, budget, False
         machine, budget = self.card(profile, None)
-        lifted = plan(machine, self.profiles, s.width, s.height, sizes, name)
+        lifted = plan(machine, self.profiles, s.width, s.height, sizes, name, keep_weights=s.session)
         where = "the whole card" if budget is None else f"a {_size(budget)} card"
         outcome = f"as a reference it runs on {where}" if lifted.fits else f"nor does it fit {where}"
         self.notes.append(f"{name} does not fit the {_size(s.budget_bytes)} budget; {outcome}")

@@ -69,6 +69,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
@@ -690,6 +691,7 @@ class Plan:
     host: HostUse
     problems: tuple[str, ...]  # host, disk or format reasons it cannot run (VRAM is in the stages)
     explicit: bool = False
+    keeps_weights: bool = False  # planned for successive edits: the whole model stays in host memory
     candidates: tuple[Candidate, ...] = ()
 
     @property
@@ -721,6 +723,7 @@ class Plan:
             "profile": self.profile.name,
             "description": self.profile.description,
             "explicit": self.explicit,
+            "keeps_weights": self.keeps_weights,
             "fits": self.fits,
             "problems": list(self.why_not()),
             "width": self.width,
@@ -778,7 +781,8 @@ class Plan:
             f"predicted {self.seconds_per_step:.3f} s/step = max(compute {self.compute_seconds:.3f}, "
             f"transfer {self.transfer_seconds:.3f} at {link}) + dequantize {self.dequant_seconds:.3f}",
             f"host: pinned {gib(self.host.pinned)}, pageable {gib(self.host.pageable)}, "
-            f"mapped {gib(self.host.mapped)}" + (f", disk {gib(self.host.disk)}" if self.host.disk else ""),
+            f"mapped {gib(self.host.mapped)}" + (f", disk {gib(self.host.disk)}" if self.host.disk else "")
+            + (" (the whole model kept for successive edits)" if self.keeps_weights else ""),
             "peak by what holds it:",
         ]
         for s in self.stages:
@@ -818,6 +822,7 @@ class _Context:
     height: int
     budget: int
     cal: Calibration
+    keep_weights: bool = False
 
     @property
     def base_terms(self) -> dict[str, int]:
@@ -974,11 +979,17 @@ def _profile_plan(ctx: _Context) -> Plan:
 
     encode, decode = _vae_stage(ctx, "vae_encode", False), _vae_stage(ctx, "vae_decode", True)
     stages = (clip_stage, t5_stage, encode, transformer, decode)
+    uses = [s.host for s in stages]
+    if ctx.keep_weights:
+        by_tier: Counter[str] = Counter()  # the kept copies follow each component's host tier
+        for stage, settings, rest in ((transformer, profile.transformer, flux_rest), (t5_stage, profile.t5, t5_rest)):
+            by_tier[settings.host] += stage.terms["resident blocks"] + stage.streamed_bytes + rest.nbytes("bf16")
+        uses.append(_kept_host_use(ctx, by_tier, clip_stage.terms["weights"] + vae_part(model.vae).nbytes("bf16")))
     host = HostUse(
-        pinned=max(s.host.pinned for s in stages),
-        pageable=max(s.host.pageable for s in stages),
-        mapped=max(s.host.mapped for s in stages),
-        disk=max(s.host.disk for s in stages),
+        pinned=max(u.pinned for u in uses),
+        pageable=max(u.pageable for u in uses),
+        mapped=max(u.mapped for u in uses),
+        disk=max(u.disk for u in uses),
     )
     problems = [
         f"{stage.name} format {stage.format} cannot be made from a {file.format} file"
@@ -1007,7 +1018,22 @@ def _profile_plan(ctx: _Context) -> Plan:
         link_measured=machine.h2d_gbps is not None,
         host=host,
         problems=tuple(problems),
+        keeps_weights=ctx.keep_weights,
     )
+
+
+def _kept_host_use(ctx: _Context, block_parts: Mapping[str, int], whole: int) -> HostUse:
+    """Host memory of a pipeline that keeps every component between edits (see ``KontextPipeline``).
+
+    ``block_parts`` are the transformer's and T5's bytes by host tier; they are packed as their
+    engines place them, pinned while the profile's cap allows. CLIP and the VAE (``whole``) wait in
+    pageable memory.
+    """
+    wanted = block_parts.get("pinned", 0)
+    pinned = min(wanted, ctx.profile.pinned_cap_bytes)
+    mapped = block_parts.get("mmap", 0)
+    pageable = whole + block_parts.get("pageable", 0) + wanted - pinned
+    return HostUse(pinned=pinned, pageable=pageable, mapped=mapped, disk=mapped)
 
 
 def _host_problems(ctx: _Context, host: HostUse) -> list[str]:
@@ -1045,8 +1071,11 @@ def plan(
     model: ModelSizes | None = None,
     profile_name: str | None = None,
     calibration: Calibration = CALIBRATION,
+    keep_weights: bool = False,
 ) -> Plan:
     """The plan of ``profile_name`` (fitting or not), else of the fastest profile that fits.
+
+    ``keep_weights``: plan for successive edits, where the whole model stays in host memory.
 
     Raises ``BudgetTooSmall`` (a KontextError) with the smallest VRAM budget that would work when no
     profile fits the card, and a KontextError when none suits the host whatever the card.
@@ -1063,7 +1092,7 @@ def plan(
 
     def plan_for(profile: Profile, on: Machine) -> Plan:
         budget = on.vram_free - profile.margin_bytes
-        return _profile_plan(_Context(profile, on, model, width, height, budget, calibration))
+        return _profile_plan(_Context(profile, on, model, width, height, budget, calibration, keep_weights))
 
     plans = {name: plan_for(profile, machine) for name, profile in profiles.items()}
     ranked = sorted(plans.values(), key=_preference)

@@ -265,6 +265,31 @@ def test_host_tiers_and_their_copy_times(profiles) -> None:
         assert mapped.transfer_seconds == pytest.approx(mapped.streamed_bytes / (rate * 1e9))
 
 
+def test_successive_edits_keep_the_whole_model_in_host_memory(profiles) -> None:
+    sizes = ModelSizes()
+    double, single, flux_rest = flux_parts(sizes.flux)
+    first, other, t5_rest = t5_parts(sizes.t5)
+    transformer = double.nbytes("nf4") * sizes.flux.depth + single.nbytes("nf4") * sizes.flux.depth_single_blocks
+    transformer += flux_rest.nbytes("bf16")
+    t5 = first.nbytes("int8") + other.nbytes("int8") * (sizes.t5.num_layers - 1) + t5_rest.nbytes("bf16")
+    rest = clip_part(sizes.clip).nbytes("bf16") + vae_part(sizes.vae).nbytes("bf16")
+
+    kept = plan(machine(8, 32), profiles, 1024, 1024, profile_name="8gb", keep_weights=True)
+    assert kept.fits and kept.keeps_weights and "kept for successive edits" in kept.explain()
+    assert kept.host.pinned == min(transformer + t5, kept.profile.pinned_cap_bytes)  # 8gb pins up to 12 GiB
+    assert kept.host.pinned + kept.host.pageable == transformer + t5 + rest
+    single_edit = plan(machine(8, 32), profiles, 1024, 1024, profile_name="8gb")
+    assert single_edit.host.pinned < kept.host.pinned and single_edit.stages == kept.stages
+
+    # A 24 GiB card on a 16 GiB host: one edit may stream bf16, successive edits must hold less.
+    assert plan(machine(24, 16), profiles, 1024, 1024).profile.name == "24gb"
+    chosen = plan(machine(24, 16), profiles, 1024, 1024, keep_weights=True)
+    assert chosen.fits and chosen.profile.name != "24gb"
+    assert any("of host RAM" in p for p in next(c for c in chosen.candidates if c.name == "24gb").problems)
+    lowram = plan(machine(4, 8), profiles, 1024, 1024, profile_name="6gb-lowram", keep_weights=True)
+    assert lowram.host.mapped >= transformer  # kept copies follow the profile's host tier: mapped files
+
+
 def test_vae_tiles_when_the_whole_image_does_not_fit(profiles) -> None:
     roomy = plan(machine(24, 64), profiles, 1024, 1024)
     assert roomy.stage("vae_decode").tile is None
@@ -358,6 +383,10 @@ def test_plan_command_json_and_text(capsys: pytest.CaptureFixture[str]) -> None:
     assert result["width"] == result["height"] == 1024 and len(result["candidates"]) >= len(REQUIRED)
     code, out, _ = _run(capsys, "--vram-budget", "8", "--ram", "64G", "--width", "768")
     assert code == 0 and "image 768x768" in out and "profiles compared" in out and "s/step" in out
+    assert not result["keeps_weights"]
+    code, out, _ = _run(capsys, "--vram-budget", "8GiB", "--ram", "64GiB", "--successive", "--json")
+    kept = json.loads(out)
+    assert code == 0 and kept["keeps_weights"] and kept["host"]["pinned"] > result["host"]["pinned"]
 
 
 def test_plan_command_with_files_and_a_profile_file(

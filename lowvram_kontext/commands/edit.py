@@ -95,7 +95,7 @@ def _apply_plan(args: argparse.Namespace, pipeline: KontextPipeline, width: int,
     sizes = ModelSizes.from_files(transformer=p.transformer, t5=p.t5, clip=p.clip, vae=p.vae)
 
     def replan(profile_name: str | None) -> Plan:
-        return plan(machine, profiles, width, height, sizes, profile_name)
+        return plan(machine, profiles, width, height, sizes, profile_name, keep_weights=pipeline.keep_weights)
 
     pipeline.plan, pipeline.replan = replan(name), replan
     chosen = pipeline.plan

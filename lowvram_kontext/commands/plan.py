@@ -22,6 +22,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--ram", help="plan for a host with this much RAM (same units)")
     parser.add_argument("--width", type=int, help=f"image width (default {DEFAULT_SIZE}, or --height)")
     parser.add_argument("--height", type=int, help=f"image height (default {DEFAULT_SIZE}, or --width)")
+    parser.add_argument(
+        "--successive",
+        action="store_true",
+        help="plan for successive edits (several --prompt, a session, a batch): the whole model stays in host memory",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(run=run)
 
@@ -40,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
     machine = planning_machine(args)
     if machine is None:
         raise KontextError("no CUDA GPU here: pass --vram-budget SIZE to plan for a card of that size")
-    result = plan(machine, profiles, width, height, _model_sizes(args), name)
+    result = plan(machine, profiles, width, height, _model_sizes(args), name, keep_weights=args.successive)
     print(result.to_json() if args.json else result.explain())
     return 0
