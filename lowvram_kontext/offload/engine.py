@@ -83,7 +83,7 @@ class _Packed:
 class _Streamed(_Packed):
     """A streamed block (``index`` in run order) and its tensors' views of each slot while attached."""
 
-    index: int = 0
+    index: int
     slot_views: list[list[Tensor]] = field(default_factory=list)
 
 
@@ -94,10 +94,11 @@ class StreamingEngine:
     ``pinned_cap_bytes``, pageable beyond; pageable on a CPU device), "pageable" or "mmap" (files
     in ``cache_dir``). ``prefetch`` is capped at the number of streamed blocks minus one.
     ``measure`` times every copy (see ``copy_times``); ``trace`` records the schedule in ``trace``.
-    ``outside`` are the model's modules outside the blocks: their own tensors are on the device while
-    attached, like the resident blocks. For inference: parameters are frozen, and the blocks must not be moved (``.to``)
-    while attached. After ``detach`` streamed blocks hold their host copies; resident blocks and
-    ``outside`` stay on the device, or with ``keep_host`` hold their host copies too (see the module).
+    ``outside`` are the model's modules outside the blocks: their own tensors are on the device
+    while attached, like the resident blocks. For inference: parameters are frozen, and the blocks
+    must not be moved (``.to``) while attached. After ``detach`` streamed blocks hold their host
+    copies; resident blocks and ``outside`` stay on the device, or with ``keep_host`` hold their
+    host copies too (see the module).
     """
 
     def __init__(
