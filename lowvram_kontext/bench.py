@@ -512,6 +512,7 @@ def _edit(pipeline: KontextPipeline, sizes: ModelSizes, s: BenchSettings, prompt
     noise = sampling.initial_noise(SEED, s.height, s.width, sizes.vae.z_channels, sizes.vae.downsample_factor)
     latent = pipeline.sample(embedding, condition, noise, s.warmup + s.steps, GUIDANCE)
     pipeline.decode(latent)
+    pipeline.settle()
 
 
 def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda _: None) -> BenchReport:

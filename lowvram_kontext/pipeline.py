@@ -503,7 +503,15 @@ class KontextPipeline:
         config = self._vae_config
         noise = sampling.initial_noise(seed, height, width, config.z_channels, config.downsample_factor)
         latent = self.sample(embedding, condition, noise, steps, guidance)
-        return self.decode(latent)
+        result = self.decode(latent)
+        self.settle()
+        return result
+
+    def settle(self) -> None:
+        """After an edit: the allocator gives its cached device memory back, so that between edits the
+        process holds only the components kept on the device (a session may wait long for its next line)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
