@@ -152,7 +152,8 @@ class Editor:
             self.pipeline.progress.detail(f"peak GPU memory per stage (GiB): {peaks}")
         if self.pipeline.keep_weights:
             kept = ", ".join(self.pipeline.on_device) or "nothing"
-            self.pipeline.progress.detail(f"kept on the {self.pipeline.device.type.upper()} for the next edit: {kept}")
+            where = "GPU" if self.pipeline.device.type == "cuda" else self.pipeline.device.type.upper()
+            self.pipeline.progress.detail(f"kept on the {where} for the next edit: {kept}")
         return result
 
     def metadata(self, image: Image.Image, prompts: Sequence[str], source: str) -> dict[str, str]:
