@@ -130,9 +130,14 @@ class Row:
     session_kept_on_device: list[list[str]] = field(default_factory=list)  # components left on the GPU after each
 
     @property
+    def own_peak_bytes(self) -> dict[str, int | None]:
+        """Each stage's allocator peak less what components kept from earlier stages held."""
+        return {name: _less(peak, self.kept_bytes.get(name, 0)) for name, peak in self.measured_peak_bytes.items()}
+
+    @property
     def measured_peak(self) -> int | None:
-        """The largest stage's allocator peak, less what components kept from earlier stages held."""
-        known = [v - self.kept_bytes.get(k, 0) for k, v in self.measured_peak_bytes.items() if v is not None]
+        """The largest stage's own allocator peak (see ``own_peak_bytes``)."""
+        known = [v for v in self.own_peak_bytes.values() if v is not None]
         return max(known) if known else None
 
     @property
@@ -457,7 +462,7 @@ class _Bench:
         steps = [b for b in probe.steps if b is not None]
         row.process_vram_bytes["transformer"] = max(steps, default=row.process_vram_bytes["transformer"])
         row.kept_bytes = {name: stats.stage_kept_bytes.get(name, 0) for name in STAGES}
-        own = {name: _less(peaks[name], row.kept_bytes[name]) for name in STAGES}
+        own = row.own_peak_bytes
         row.peak_error_pct = {name: _error_pct(row.predicted_allocator_bytes[name], own[name]) for name in STAGES}
         row.peak_error_pct["peak"] = _error_pct(row.predicted_peak, row.measured_peak)
         row.process_error_pct = {
