@@ -33,9 +33,10 @@ from .models.clip import CLIPTextConfig, CLIPTextModel
 from .models.flux import FluxConfig, FluxTransformer
 from .models.t5 import T5Config, T5Encoder
 from .tiny_tokenizers import write_tiny_clip_tokenizer, write_tiny_t5_tokenizer
-from .weights.flux_layout import flux_to_diffusers
+from .weights.flux_layout import flux_config_to_diffusers, flux_to_diffusers
 from .weights.safetensors_file import save_safetensors
-from .weights.vae_layout import vae_to_diffusers
+from .weights.text_layout import clip_config_to_transformers, t5_config_to_transformers
+from .weights.vae_layout import vae_config_to_diffusers, vae_to_diffusers
 
 # Hidden width 256 and the real head size (128): every block matrix then has rows that whole GGUF
 # super-blocks (256 values) tile, so the tiny transformer can be stored in every format.
@@ -147,18 +148,18 @@ def write_diffusers_folder(root: Path, weights: TinyWeights) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
     })  # fmt: skip
     _write_json(root / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-    _write_json(root / "transformer" / "config.json", TINY_FLUX.to_diffusers_config())
+    _write_json(root / "transformer" / "config.json", flux_config_to_diffusers(TINY_FLUX))
     save_safetensors(
         flux_to_diffusers(weights.flux, TINY_FLUX),
         root / "transformer" / "diffusion_pytorch_model.safetensors",
     )
-    _write_json(root / "vae" / "config.json", TINY_VAE.to_diffusers_config())
+    _write_json(root / "vae" / "config.json", vae_config_to_diffusers(TINY_VAE))
     save_safetensors(
         vae_to_diffusers(weights.vae, TINY_VAE), root / "vae" / "diffusion_pytorch_model.safetensors"
     )
-    _write_json(root / "text_encoder" / "config.json", weights.clip_config.to_transformers_config())
+    _write_json(root / "text_encoder" / "config.json", clip_config_to_transformers(weights.clip_config))
     save_safetensors(weights.clip, root / "text_encoder" / "model.safetensors")
-    _write_json(root / "text_encoder_2" / "config.json", weights.t5_config.to_transformers_config())
+    _write_json(root / "text_encoder_2" / "config.json", t5_config_to_transformers(weights.t5_config))
     _write_sharded(root / "text_encoder_2", weights.t5)
 
 

@@ -7,7 +7,13 @@ from diffusers import AutoencoderKL
 from lowvram_kontext.errors import KontextError, WeightFileError
 from lowvram_kontext.models.autoencoder import AutoEncoder, AutoEncoderConfig
 from lowvram_kontext.weights.source import from_tensors
-from lowvram_kontext.weights.vae_layout import vae_from_diffusers, vae_to_diffusers
+from lowvram_kontext.weights.vae_layout import (
+    vae_config_from_diffusers,
+    vae_config_from_shapes,
+    vae_config_to_diffusers,
+    vae_from_diffusers,
+    vae_to_diffusers,
+)
 
 TINY = AutoEncoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=16)
 
@@ -28,7 +34,7 @@ def _random_model(config: AutoEncoderConfig, seed: int = 0) -> AutoEncoder:
 
 
 def _reference(model: AutoEncoder) -> AutoencoderKL:
-    ref = AutoencoderKL.from_config(model.config.to_diffusers_config()).eval()
+    ref = AutoencoderKL.from_config(vae_config_to_diffusers(model.config)).eval()
     ref.load_state_dict(vae_to_diffusers(model.state_dict(), model.config), strict=True)
     return ref
 
@@ -91,12 +97,12 @@ def test_layout_errors_name_the_tensor() -> None:
 def test_config_from_shapes_and_diffusers_round_trip() -> None:
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in AutoEncoder(TINY).state_dict().items()}
-    assert AutoEncoderConfig.from_shapes(shapes) == TINY
-    assert AutoEncoderConfig.from_diffusers_config(TINY.to_diffusers_config()) == TINY
+    assert vae_config_from_shapes(shapes) == TINY
+    assert vae_config_from_diffusers(vae_config_to_diffusers(TINY)) == TINY
     assert AutoEncoderConfig().downsample_factor == 8
     del shapes["decoder.conv_in.weight"]
     with pytest.raises(WeightFileError, match="decoder.conv_in.weight"):
-        AutoEncoderConfig.from_shapes(shapes)
+        vae_config_from_shapes(shapes)
 
 
 @pytest.mark.parametrize(
@@ -104,14 +110,14 @@ def test_config_from_shapes_and_diffusers_round_trip() -> None:
     [{"use_quant_conv": True}, {"norm_num_groups": 16}, {"up_block_types": ["UpDecoderBlock2D"] * 3}],
 )
 def test_inexpressible_diffusers_configs_are_rejected(change: dict) -> None:
-    cfg = dict(AutoEncoderConfig().to_diffusers_config(), **change)
+    cfg = dict(vae_config_to_diffusers(AutoEncoderConfig()), **change)
     with pytest.raises(KontextError, match=next(iter(change))):
-        AutoEncoderConfig.from_diffusers_config(cfg)
+        vae_config_from_diffusers(cfg)
 
 
 def test_flux_parameter_count_matches_diffusers() -> None:
     config = AutoEncoderConfig()
     with torch.device("meta"):
         ours = sum(p.numel() for p in AutoEncoder(config).parameters())
-        theirs = sum(p.numel() for p in AutoencoderKL.from_config(config.to_diffusers_config()).parameters())
+        theirs = sum(p.numel() for p in AutoencoderKL.from_config(vae_config_to_diffusers(config)).parameters())
     assert ours == theirs == 83_819_683

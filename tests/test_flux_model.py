@@ -8,7 +8,13 @@ from diffusers import FluxTransformer2DModel
 
 from lowvram_kontext.errors import KontextError, WeightFileError
 from lowvram_kontext.models.flux import FluxConfig, FluxTransformer
-from lowvram_kontext.weights.flux_layout import flux_from_diffusers, flux_to_diffusers
+from lowvram_kontext.weights.flux_layout import (
+    flux_config_from_diffusers,
+    flux_config_from_shapes,
+    flux_config_to_diffusers,
+    flux_from_diffusers,
+    flux_to_diffusers,
+)
 from lowvram_kontext.weights.source import TensorRef, from_tensors
 
 TINY = FluxConfig(
@@ -88,7 +94,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def diffusers_model(sd: dict[str, torch.Tensor]) -> FluxTransformer2DModel:
-    kwargs = TINY.to_diffusers_config()
+    kwargs = flux_config_to_diffusers(TINY)
     assert kwargs.pop("_class_name") == "FluxTransformer2DModel"
     ref = FluxTransformer2DModel(**kwargs).eval()
     ref.load_state_dict(flux_to_diffusers(sd, TINY), strict=True)
@@ -197,19 +203,19 @@ def test_linears_are_plain_and_blocks_are_module_lists() -> None:
 def test_config_from_shapes() -> None:
     _, sd = tiny_model()
     shapes = {name: tuple(t.shape) for name, t in sd.items()}
-    assert FluxConfig.from_shapes(shapes) == TINY
+    assert flux_config_from_shapes(shapes) == TINY
     no_guidance = {k: v for k, v in shapes.items() if not k.startswith("guidance_in.")}
-    assert FluxConfig.from_shapes(no_guidance) == FluxConfig(**{**TINY.__dict__, "guidance_embed": False})
+    assert flux_config_from_shapes(no_guidance) == FluxConfig(**{**TINY.__dict__, "guidance_embed": False})
 
     bad_head = dict(shapes)
     bad_head["double_blocks.0.img_attn.norm.query_norm.scale"] = (16,)  # 2 + 7 + 7 = 16, but 7 is odd
     with pytest.raises(KontextError, match="RoPE axes"):
-        FluxConfig.from_shapes(bad_head)
+        flux_config_from_shapes(bad_head)
     with pytest.raises(WeightFileError, match="txt_in.weight"):
-        FluxConfig.from_shapes({k: v for k, v in shapes.items() if not k.startswith("txt_in.")})
+        flux_config_from_shapes({k: v for k, v in shapes.items() if not k.startswith("txt_in.")})
     gap = {k: v for k, v in shapes.items() if not k.startswith("single_blocks.0.")}
     with pytest.raises(WeightFileError, match=r"single_blocks\.0"):
-        FluxConfig.from_shapes(gap)
+        flux_config_from_shapes(gap)
 
 
 def test_default_config_rope_rule_and_size() -> None:
@@ -222,21 +228,21 @@ def test_default_config_rope_rule_and_size() -> None:
     assert len(params) == 780
     assert sum(p.ndim == 1 for p in params) == 466
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    assert FluxConfig.from_shapes(shapes) == default
+    assert flux_config_from_shapes(shapes) == default
     assert default.axes_dim == (16, 56, 56) and default.head_dim == 128 and default.mlp_hidden_dim == 12288
 
 
 def test_diffusers_config_round_trip() -> None:
     for config in (TINY, FluxConfig()):
-        assert FluxConfig.from_diffusers_config(config.to_diffusers_config()) == config
+        assert flux_config_from_diffusers(flux_config_to_diffusers(config)) == config
     # the config diffusers itself records for the tiny model
-    kwargs = TINY.to_diffusers_config()
+    kwargs = flux_config_to_diffusers(TINY)
     kwargs.pop("_class_name")
     with torch.device("meta"):
         ref = FluxTransformer2DModel(**kwargs)
-    assert FluxConfig.from_diffusers_config(dict(ref.config)) == TINY
+    assert flux_config_from_diffusers(dict(ref.config)) == TINY
     with pytest.raises(KontextError, match="num_layers"):
-        FluxConfig.from_diffusers_config({k: v for k, v in kwargs.items() if k != "num_layers"})
+        flux_config_from_diffusers({k: v for k, v in kwargs.items() if k != "num_layers"})
 
 
 def test_block_hooks_fire_in_order() -> None:

@@ -17,7 +17,16 @@ from lowvram_kontext.models.t5 import T5Config, T5Encoder, relative_position_buc
 from lowvram_kontext.tiny_tokenizers import write_tiny_clip_tokenizer, write_tiny_t5_tokenizer
 from lowvram_kontext.tokenizers import ClipTokenizer, T5Tokenizer
 from lowvram_kontext.weights.source import from_tensors
-from lowvram_kontext.weights.text_layout import clip_canonical, t5_canonical
+from lowvram_kontext.weights.text_layout import (
+    clip_canonical,
+    clip_config_from_shapes,
+    clip_config_from_transformers,
+    clip_config_to_transformers,
+    t5_canonical,
+    t5_config_from_shapes,
+    t5_config_from_transformers,
+    t5_config_to_transformers,
+)
 
 TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 TINY_CLIP = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
@@ -113,7 +122,7 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 def t5_pair(config: T5Config, seed: int = 0) -> tuple[T5Encoder, nn.Module]:
     reference = randomize(
-        transformers.T5EncoderModel(transformers.T5Config(**config.to_transformers_config())), seed
+        transformers.T5EncoderModel(transformers.T5Config(**t5_config_to_transformers(config))), seed
     )
     ours = T5Encoder(config).eval()
     source = t5_canonical(from_tensors(reference.state_dict()))
@@ -167,25 +176,25 @@ def test_t5_blocks_run_in_order_and_linears_are_opaque() -> None:
 
 
 def test_t5_configs() -> None:
-    assert T5Config.from_transformers_config(KONTEXT_T5_CONFIG) == T5Config()
+    assert t5_config_from_transformers(KONTEXT_T5_CONFIG) == T5Config()
     config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,
                       relative_attention_num_buckets=16, layer_norm_epsilon=1e-5)  # fmt: skip
-    exported = config.to_transformers_config()
-    assert T5Config.from_transformers_config(exported) == config
+    exported = t5_config_to_transformers(config)
+    assert t5_config_from_transformers(exported) == config
     reference = transformers.T5Config(**exported)
     assert (reference.d_model, reference.num_heads, reference.d_kv, reference.num_layers) == (32, 4, 8, 3)
     assert reference.is_gated_act and reference.dense_act_fn == "gelu_new"
     shapes = {name: tuple(t.shape) for name, t in T5Encoder(config).state_dict().items()}
-    assert T5Config.from_shapes(shapes) == dataclasses.replace(config, layer_norm_epsilon=1e-6)  # not stored
+    assert t5_config_from_shapes(shapes) == dataclasses.replace(config, layer_norm_epsilon=1e-6)  # not stored
     for bad in ({**KONTEXT_T5_CONFIG, "feed_forward_proj": "relu"}, {"d_model": 8}):
         with pytest.raises(KontextError, match="feed_forward_proj"):
-            T5Config.from_transformers_config(bad)
+            t5_config_from_transformers(bad)
 
 
 def test_t5_layout() -> None:
     config = T5Config(vocab_size=128, **TINY_T5)
     full = transformers.T5ForConditionalGeneration(
-        transformers.T5Config(**{**config.to_transformers_config(), "num_decoder_layers": 1})
+        transformers.T5Config(**{**t5_config_to_transformers(config), "num_decoder_layers": 1})
     ).state_dict()
     assert any(name.startswith("decoder.") for name in full) and "lm_head.weight" in full
     expected = set(T5Encoder(config).state_dict())
@@ -216,7 +225,7 @@ def test_t5_layout() -> None:
 
 
 def clip_pair(config: CLIPTextConfig, seed: int = 0) -> tuple[CLIPTextModel, nn.Module]:
-    exported = config.to_transformers_config()
+    exported = clip_config_to_transformers(config)
     reference = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**exported)), seed)
     ours = CLIPTextModel(config).eval()
     source = clip_canonical(from_tensors(reference.state_dict()))
@@ -265,15 +274,15 @@ def test_clip_linears_are_opaque() -> None:
 
 
 def test_clip_configs() -> None:
-    kontext = CLIPTextConfig.from_transformers_config(KONTEXT_CLIP_CONFIG)
+    kontext = clip_config_from_transformers(KONTEXT_CLIP_CONFIG)
     assert kontext == CLIPTextConfig(eos_token_id=2) and kontext.pools_at_largest_id
     assert not CLIPTextConfig().pools_at_largest_id
-    assert CLIPTextConfig.from_transformers_config({"text_config": KONTEXT_CLIP_CONFIG}) == kontext
+    assert clip_config_from_transformers({"text_config": KONTEXT_CLIP_CONFIG}) == kontext
     config = CLIPTextConfig(vocab_size=600, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                             num_attention_heads=4, max_position_embeddings=40, layer_norm_eps=1e-6,
                             hidden_act="gelu", eos_token_id=599)  # fmt: skip
-    exported = config.to_transformers_config()
-    assert CLIPTextConfig.from_transformers_config(exported) == config
+    exported = clip_config_to_transformers(config)
+    assert clip_config_from_transformers(exported) == config
     reference = transformers.CLIPTextConfig(**exported)
     assert (reference.hidden_size, reference.num_attention_heads, reference.eos_token_id) == (32, 4, 599)
     with pytest.raises(KontextError, match="hidden_act 'relu'"):
@@ -289,9 +298,9 @@ def test_clip_from_shapes(hidden: int, heads: int) -> None:
                             num_hidden_layers=2, num_attention_heads=heads, eos_token_id=599)  # fmt: skip
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in CLIPTextModel(config).state_dict().items()}
-    assert CLIPTextConfig.from_shapes(shapes) == config
+    assert clip_config_from_shapes(shapes) == config
     with pytest.raises(KontextError, match="no tensor 'text_model.encoder.layers.0.mlp.fc1.weight'"):
-        CLIPTextConfig.from_shapes({k: v for k, v in shapes.items() if "fc1" not in k})
+        clip_config_from_shapes({k: v for k, v in shapes.items() if "fc1" not in k})
 
 
 def test_clip_layout(tmp_path: Path) -> None:
@@ -300,7 +309,7 @@ def test_clip_layout(tmp_path: Path) -> None:
                   image_size=32, patch_size=16)  # fmt: skip
     full = transformers.CLIPModel(
         transformers.CLIPConfig(
-            text_config=text.to_transformers_config(), vision_config=vision, projection_dim=16
+            text_config=clip_config_to_transformers(text), vision_config=vision, projection_dim=16
         )
     ).state_dict()
     full["text_model.embeddings.position_ids"] = torch.arange(77)[None]

@@ -8,19 +8,15 @@ Parameter names follow the BFL ``ae.safetensors`` file (``encoder.down.I.block.J
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import KontextError, WeightFileError
+from ..errors import KontextError
 
-_GROUPS = 32
+NORM_GROUPS = 32
 _EPS = 1e-6
-_DOWN_BLOCK = "DownEncoderBlock2D"
-_UP_BLOCK = "UpDecoderBlock2D"
 
 
 @dataclass(frozen=True)
@@ -38,9 +34,9 @@ class AutoEncoderConfig:
 
     def __post_init__(self) -> None:
         widths = [self.ch * m for m in self.ch_mult]
-        if not widths or any(w <= 0 or w % _GROUPS for w in widths):
+        if not widths or any(w <= 0 or w % NORM_GROUPS for w in widths):
             raise KontextError(
-                f"autoencoder widths {widths} must be positive multiples of {_GROUPS} (GroupNorm groups)"
+                f"autoencoder widths {widths} must be positive multiples of {NORM_GROUPS} (GroupNorm groups)"
             )
         if self.num_res_blocks < 1 or self.z_channels < 1:
             raise KontextError(
@@ -53,105 +49,9 @@ class AutoEncoderConfig:
         """Pixels per latent cell along each axis."""
         return 2 ** (len(self.ch_mult) - 1)
 
-    @classmethod
-    def from_diffusers_config(cls, cfg: Mapping[str, Any]) -> AutoEncoderConfig:
-        """The config of a diffusers ``AutoencoderKL`` (``vae/config.json``) in this architecture."""
-        for key in ("block_out_channels", "layers_per_block", "latent_channels", "scaling_factor"):
-            if key not in cfg:
-                raise KontextError(f"VAE config has no '{key}'")
-        # Missing keys take the diffusers defaults, which is what the model built from the file would use.
-        expected = {
-            "use_quant_conv": (cfg.get("use_quant_conv", True), False),
-            "use_post_quant_conv": (cfg.get("use_post_quant_conv", True), False),
-            "norm_num_groups": (cfg.get("norm_num_groups", _GROUPS), _GROUPS),
-            "act_fn": (cfg.get("act_fn", "silu"), "silu"),
-            "mid_block_add_attention": (cfg.get("mid_block_add_attention", True), True),
-            "latents_mean": (cfg.get("latents_mean"), None),
-            "latents_std": (cfg.get("latents_std"), None),
-        }
-        for key, (got, want) in expected.items():
-            if got != want:
-                raise KontextError(f"VAE config: {key} is {got!r}, this FLUX autoencoder needs {want!r}")
-        widths = list(cfg["block_out_channels"])
-        for key, kind in (("down_block_types", _DOWN_BLOCK), ("up_block_types", _UP_BLOCK)):
-            types = list(cfg.get(key, [kind] * len(widths)))
-            if types != [kind] * len(widths):
-                raise KontextError(f"VAE config: {key} is {types}, expected {len(widths)} x {kind}")
-        if not widths or any(w % widths[0] for w in widths):
-            raise KontextError(f"VAE config: block_out_channels {widths} are not multiples of the first")
-        shift = cfg.get("shift_factor")
-        return cls(
-            in_channels=int(cfg.get("in_channels", 3)),
-            out_channels=int(cfg.get("out_channels", 3)),
-            ch=widths[0],
-            ch_mult=tuple(w // widths[0] for w in widths),
-            num_res_blocks=int(cfg["layers_per_block"]),
-            z_channels=int(cfg["latent_channels"]),
-            scale_factor=float(cfg["scaling_factor"]),
-            shift_factor=0.0 if shift is None else float(shift),
-        )
-
-    @classmethod
-    def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> AutoEncoderConfig:
-        """The config implied by the tensor shapes of a BFL-named state dict (scale/shift: FLUX's)."""
-
-        def shape(name: str) -> Sequence[int]:
-            if name not in shapes:
-                raise WeightFileError(f"autoencoder weights have no tensor '{name}'")
-            return shapes[name]
-
-        ch, in_channels = shape("encoder.conv_in.weight")[:2]
-        levels = len({name.split(".")[2] for name in shapes if name.startswith("encoder.down.")})
-        ch_mult = []
-        for level in range(levels):
-            width = shape(f"encoder.down.{level}.block.0.conv1.weight")[0]
-            if width % ch:
-                raise WeightFileError(
-                    f"encoder.down.{level}.block.0.conv1.weight: {width} channels, not a multiple of {ch}"
-                )
-            ch_mult.append(width // ch)
-        blocks = {name.split(".")[4] for name in shapes if name.startswith("encoder.down.0.block.")}
-        return cls(
-            in_channels=in_channels,
-            out_channels=shape("decoder.conv_out.weight")[0],
-            ch=ch,
-            ch_mult=tuple(ch_mult),
-            num_res_blocks=len(blocks),
-            z_channels=shape("decoder.conv_in.weight")[1],
-        )
-
-    def to_diffusers_config(self) -> dict[str, Any]:
-        """A diffusers ``AutoencoderKL`` config (``vae/config.json``) for the same model."""
-        if self.ch_mult[0] != 1:
-            raise KontextError(
-                f"ch_mult {self.ch_mult} cannot be written as a diffusers config (first must be 1)"
-            )
-        levels = len(self.ch_mult)
-        return {
-            "_class_name": "AutoencoderKL",
-            "act_fn": "silu",
-            "block_out_channels": [self.ch * m for m in self.ch_mult],
-            "down_block_types": [_DOWN_BLOCK] * levels,
-            "force_upcast": True,
-            "in_channels": self.in_channels,
-            "latent_channels": self.z_channels,
-            "latents_mean": None,
-            "latents_std": None,
-            "layers_per_block": self.num_res_blocks,
-            "mid_block_add_attention": True,
-            "norm_num_groups": _GROUPS,
-            "out_channels": self.out_channels,
-            "sample_size": 1024,
-            "scaling_factor": self.scale_factor,
-            "shift_factor": self.shift_factor,
-            "up_block_types": [_UP_BLOCK] * levels,
-            "use_post_quant_conv": False,
-            "use_quant_conv": False,
-        }
-
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(_GROUPS, channels, eps=_EPS)
+    return nn.GroupNorm(NORM_GROUPS, channels, eps=_EPS)
 
 
 def _conv3(in_channels: int, out_channels: int) -> nn.Conv2d:

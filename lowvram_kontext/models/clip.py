@@ -7,7 +7,6 @@ end-of-text token.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -56,50 +55,6 @@ class CLIPTextConfig:
     def pools_at_largest_id(self) -> bool:
         """True when pooling takes each row's largest id (legacy ``eos_token_id`` 2), as transformers does."""
         return self.eos_token_id == _LEGACY_EOS_ID
-
-    @classmethod
-    def from_transformers_config(cls, cfg: Mapping) -> CLIPTextConfig:
-        """Read a transformers ``config.json`` (``text_encoder/``, or ``text_config`` of a full CLIP)."""
-        cfg = cfg.get("text_config") or cfg
-        fields = {name: field.default for name, field in cls.__dataclass_fields__.items()}
-        return cls(**{name: type(default)(cfg[name]) for name, default in fields.items() if name in cfg})
-
-    @classmethod
-    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> CLIPTextConfig:
-        """Infer the config from tensor shapes under the ``text_model.`` names.
-
-        Not stored in the weights, so fixed by rule: heads = hidden // 64 (at least 1; CLIP text models
-        use 64-wide heads), quick-GELU, and end-of-text = the last id of the vocabulary.
-        """
-        try:
-            vocab_size, hidden = shapes["text_model.embeddings.token_embedding.weight"]
-            positions, _ = shapes["text_model.embeddings.position_embedding.weight"]
-            intermediate, _ = shapes["text_model.encoder.layers.0.mlp.fc1.weight"]
-        except KeyError as error:
-            raise KontextError(f"CLIP weights: no tensor {error.args[0]!r}") from error
-        except ValueError as error:
-            raise KontextError(
-                f"CLIP weights: a tensor has an unexpected number of axes ({error})"
-            ) from error
-        layers = 0
-        while f"text_model.encoder.layers.{layers}.self_attn.q_proj.weight" in shapes:
-            layers += 1
-        return cls(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=max(1, hidden // 64),
-            max_position_embeddings=positions,
-            eos_token_id=vocab_size - 1,
-        )
-
-    def to_transformers_config(self) -> dict:
-        """A dict that transformers' ``CLIPTextConfig`` accepts for an equivalent ``CLIPTextModel``."""
-        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        # Start-of-text sits just below end-of-text in CLIP vocabularies; padding is end-of-text.
-        specials = {"bos_token_id": self.vocab_size - 2, "pad_token_id": self.vocab_size - 1}
-        return {**fields, **specials, "attention_dropout": 0.0, "model_type": "clip_text_model"}
 
 
 class CLIPAttention(nn.Module):

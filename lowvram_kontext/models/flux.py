@@ -10,14 +10,14 @@ streaming engine attach forward hooks at block boundaries.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import KontextError, WeightFileError
+from ..errors import KontextError
 
 _NORM_EPS = 1e-6
 _TIME_EMBED_DIM = 256
@@ -59,99 +59,6 @@ class FluxConfig:
     @property
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
-
-    @classmethod
-    def from_diffusers_config(cls, cfg: Mapping[str, object]) -> FluxConfig:
-        """The config of a diffusers ``transformer/config.json`` (a ``FluxTransformer2DModel``)."""
-        try:
-            patch_size = int(cfg.get("patch_size", 1))
-            in_channels = int(cfg["in_channels"])
-            out_channels = cfg.get("out_channels")
-            if patch_size != 1 or out_channels not in (None, in_channels):
-                raise KontextError(
-                    f"transformer config: patch_size {patch_size} / out_channels {out_channels} "
-                    f"not supported (expected 1 / {in_channels})"
-                )
-            head_dim = int(cfg["attention_head_dim"])
-            heads = int(cfg["num_attention_heads"])
-            return cls(
-                in_channels=in_channels,
-                hidden_size=head_dim * heads,
-                num_heads=heads,
-                depth=int(cfg["num_layers"]),
-                depth_single_blocks=int(cfg["num_single_layers"]),
-                context_in_dim=int(cfg["joint_attention_dim"]),
-                vec_in_dim=int(cfg["pooled_projection_dim"]),
-                axes_dim=tuple(int(d) for d in cfg["axes_dims_rope"]),
-                guidance_embed=bool(cfg["guidance_embeds"]),
-            )
-        except KeyError as err:
-            raise KontextError(f"transformer config: missing entry {err.args[0]!r}") from None
-        except (TypeError, ValueError) as err:
-            raise KontextError(f"transformer config: malformed entry ({err})") from None
-
-    @classmethod
-    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig:
-        """The config implied by the shapes of a checkpoint under BFL names.
-
-        Files do not store the RoPE axes; they are taken as (d/8, 7d/16, 7d/16) of the head dim d,
-        the split FLUX.1 uses ((16, 56, 56) for d = 128).
-        """
-
-        def shape(name: str) -> tuple[int, ...]:
-            if name not in shapes:
-                raise WeightFileError(f"flux transformer weights: missing tensor {name}")
-            return tuple(shapes[name])
-
-        hidden, in_channels = shape("img_in.weight")
-        head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
-        if hidden % head_dim:
-            raise WeightFileError(
-                f"flux transformer weights: hidden size {hidden} not a multiple of head dim {head_dim}"
-            )
-        return cls(
-            in_channels=in_channels,
-            hidden_size=hidden,
-            num_heads=hidden // head_dim,
-            mlp_ratio=shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
-            depth=_count_blocks(shapes, "double_blocks"),
-            depth_single_blocks=_count_blocks(shapes, "single_blocks"),
-            context_in_dim=shape("txt_in.weight")[1],
-            vec_in_dim=shape("vector_in.in_layer.weight")[1],
-            axes_dim=(head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
-            qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
-            guidance_embed="guidance_in.in_layer.weight" in shapes,
-        )
-
-    def to_diffusers_config(self) -> dict[str, object]:
-        """What a diffusers ``transformer/config.json`` holds for this config."""
-        if self.mlp_ratio != 4.0 or self.theta != 10000 or not self.qkv_bias:
-            raise KontextError(
-                "flux config: diffusers' FluxTransformer2DModel fixes mlp_ratio 4, theta 10000 and qkv bias"
-            )
-        return {
-            "_class_name": "FluxTransformer2DModel",
-            "patch_size": 1,
-            "in_channels": self.in_channels,
-            "out_channels": None,
-            "num_layers": self.depth,
-            "num_single_layers": self.depth_single_blocks,
-            "attention_head_dim": self.head_dim,
-            "num_attention_heads": self.num_heads,
-            "joint_attention_dim": self.context_in_dim,
-            "pooled_projection_dim": self.vec_in_dim,
-            "guidance_embeds": self.guidance_embed,
-            "axes_dims_rope": list(self.axes_dim),
-        }
-
-
-def _count_blocks(shapes: Mapping[str, object], prefix: str) -> int:
-    indices = {int(name.split(".")[1]) for name in shapes if name.startswith(prefix + ".")}
-    count = len(indices)
-    if indices != set(range(count)):
-        missing = min(set(range(max(indices) + 1)) - indices)
-        raise WeightFileError(f"flux transformer weights: no tensors for {prefix}.{missing}")
-    return count
 
 
 def timestep_embedding(x: Tensor, dim: int = _TIME_EMBED_DIM, max_period: float = 10000.0) -> Tensor:

@@ -8,14 +8,11 @@ full padded prompt and gives no attention mask, so padding tokens are attended l
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from ..errors import KontextError
 
 
 @dataclass(frozen=True)
@@ -31,66 +28,6 @@ class T5Config:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
-
-    @classmethod
-    def from_transformers_config(cls, cfg: Mapping) -> T5Config:
-        """Read a transformers ``config.json`` (``text_encoder_2/`` of the Kontext folder)."""
-        activation = cfg.get("feed_forward_proj", "relu")  # transformers' default: the original T5
-        if activation != "gated-gelu":
-            raise KontextError(
-                f"T5 config: feed_forward_proj {activation!r} is not supported, expected 'gated-gelu'"
-            )
-        return cls(**{name: type(default)(cfg[name]) for name, default in _defaults().items() if name in cfg})
-
-    @classmethod
-    def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]]) -> T5Config:
-        """Infer the config from tensor shapes under the transformers names.
-
-        Not stored in the weights, so left at the T5 v1.1 values: maximum relative distance 128,
-        norm epsilon 1e-6.
-        """
-        try:
-            vocab_size, d_model = shapes["shared.weight"]
-            inner, _ = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"]
-            d_ff, _ = shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"]
-            buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
-        except KeyError as error:
-            raise KontextError(f"T5 weights: no tensor {error.args[0]!r}") from error
-        except ValueError as error:
-            raise KontextError(f"T5 weights: a tensor has an unexpected number of axes ({error})") from error
-        layers = 0
-        while f"encoder.block.{layers}.layer.0.SelfAttention.q.weight" in shapes:
-            layers += 1
-        if inner % heads:
-            raise KontextError(f"T5 weights: attention width {inner} is not a multiple of {heads} heads")
-        return cls(
-            vocab_size=vocab_size,
-            d_model=d_model,
-            d_kv=inner // heads,
-            d_ff=d_ff,
-            num_layers=layers,
-            num_heads=heads,
-            relative_attention_num_buckets=buckets,
-        )
-
-    def to_transformers_config(self) -> dict:
-        """A dict that transformers' ``T5Config`` accepts for an equivalent ``T5EncoderModel``."""
-        return {
-            **{name: getattr(self, name) for name in _defaults()},
-            "feed_forward_proj": "gated-gelu",
-            "is_gated_act": True,
-            "dense_act_fn": "gelu_new",
-            "num_decoder_layers": self.num_layers,
-            "dropout_rate": 0.0,
-            "tie_word_embeddings": False,
-            "pad_token_id": 0,
-            "eos_token_id": 1,
-            "model_type": "t5",
-        }
-
-
-def _defaults() -> dict[str, object]:
-    return {name: field.default for name, field in T5Config.__dataclass_fields__.items()}
 
 
 class T5LayerNorm(nn.Module):

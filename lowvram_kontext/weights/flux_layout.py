@@ -1,4 +1,7 @@
-"""Tensor names of a diffusers ``FluxTransformer2DModel`` <-> the canonical BFL names.
+"""FLUX transformer files: the config a file implies, and diffusers tensor names <-> the canonical BFL names.
+
+A diffusers folder states the sizes in ``transformer/config.json``; a single file only through its tensor
+shapes. Both are read here into the bare ``FluxConfig`` of ``models.flux``.
 
 Diffusers splits the fused projections (a double block's ``qkv`` into ``to_q/to_k/to_v``, a single
 block's ``linear1`` into ``to_q/to_k/to_v/proj_mlp``) and stores the final modulation as
@@ -12,9 +15,99 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import WeightFileError
+from ..errors import KontextError, WeightFileError
 from ..models.flux import FluxConfig
 from .source import TensorSource, concat, from_tensors, swap_halves
+
+
+def flux_config_from_diffusers(cfg: Mapping[str, object]) -> FluxConfig:
+    """The config of a diffusers ``transformer/config.json`` (a ``FluxTransformer2DModel``)."""
+    try:
+        patch_size = int(cfg.get("patch_size", 1))
+        in_channels = int(cfg["in_channels"])
+        out_channels = cfg.get("out_channels")
+        if patch_size != 1 or out_channels not in (None, in_channels):
+            raise KontextError(
+                f"transformer config: patch_size {patch_size} / out_channels {out_channels} "
+                f"not supported (expected 1 / {in_channels})"
+            )
+        head_dim = int(cfg["attention_head_dim"])
+        heads = int(cfg["num_attention_heads"])
+        return FluxConfig(
+            in_channels=in_channels,
+            hidden_size=head_dim * heads,
+            num_heads=heads,
+            depth=int(cfg["num_layers"]),
+            depth_single_blocks=int(cfg["num_single_layers"]),
+            context_in_dim=int(cfg["joint_attention_dim"]),
+            vec_in_dim=int(cfg["pooled_projection_dim"]),
+            axes_dim=tuple(int(d) for d in cfg["axes_dims_rope"]),
+            guidance_embed=bool(cfg["guidance_embeds"]),
+        )
+    except KeyError as err:
+        raise KontextError(f"transformer config: missing entry {err.args[0]!r}") from None
+    except (TypeError, ValueError) as err:
+        raise KontextError(f"transformer config: malformed entry ({err})") from None
+
+
+def flux_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig:
+    """The config implied by the shapes of a checkpoint under BFL names.
+
+    Files do not store the RoPE axes; they are taken as (d/8, 7d/16, 7d/16) of the head dim d,
+    the split FLUX.1 uses ((16, 56, 56) for d = 128).
+    """
+
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in shapes:
+            raise WeightFileError(f"flux transformer weights: missing tensor {name}")
+        return tuple(shapes[name])
+
+    hidden, in_channels = shape("img_in.weight")
+    head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    if hidden % head_dim:
+        raise WeightFileError(f"flux transformer weights: hidden size {hidden} not a multiple of head dim {head_dim}")
+    return FluxConfig(
+        in_channels=in_channels,
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        mlp_ratio=shape("double_blocks.0.img_mlp.0.weight")[0] / hidden,
+        depth=_count_blocks(shapes, "double_blocks"),
+        depth_single_blocks=_count_blocks(shapes, "single_blocks"),
+        context_in_dim=shape("txt_in.weight")[1],
+        vec_in_dim=shape("vector_in.in_layer.weight")[1],
+        axes_dim=(head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16),
+        qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
+        guidance_embed="guidance_in.in_layer.weight" in shapes,
+    )
+
+
+def flux_config_to_diffusers(config: FluxConfig) -> dict[str, object]:
+    """What a diffusers ``transformer/config.json`` holds for ``config``."""
+    if config.mlp_ratio != 4.0 or config.theta != 10000 or not config.qkv_bias:
+        raise KontextError("flux config: diffusers' FluxTransformer2DModel fixes mlp_ratio 4, theta 10000 and qkv bias")
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": config.in_channels,
+        "out_channels": None,
+        "num_layers": config.depth,
+        "num_single_layers": config.depth_single_blocks,
+        "attention_head_dim": config.head_dim,
+        "num_attention_heads": config.num_heads,
+        "joint_attention_dim": config.context_in_dim,
+        "pooled_projection_dim": config.vec_in_dim,
+        "guidance_embeds": config.guidance_embed,
+        "axes_dims_rope": list(config.axes_dim),
+    }
+
+
+def _count_blocks(shapes: Mapping[str, object], prefix: str) -> int:
+    indices = {int(name.split(".")[1]) for name in shapes if name.startswith(prefix + ".")}
+    count = len(indices)
+    if indices != set(range(count)):
+        missing = min(set(range(max(indices) + 1)) - indices)
+        raise WeightFileError(f"flux transformer weights: no tensors for {prefix}.{missing}")
+    return count
 
 
 @dataclass(frozen=True)

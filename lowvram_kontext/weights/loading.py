@@ -24,18 +24,25 @@ import torch
 from torch import nn
 
 from ..errors import WeightFileError
-from ..models.autoencoder import AutoEncoder, AutoEncoderConfig
-from ..models.clip import CLIPTextConfig, CLIPTextModel
-from ..models.flux import FluxConfig, FluxTransformer
-from ..models.t5 import T5Config, T5Encoder
+from ..models.autoencoder import AutoEncoder
+from ..models.clip import CLIPTextModel
+from ..models.flux import FluxTransformer
+from ..models.t5 import T5Encoder
 from .compressed_linear import replace_linears
 from .files import FP8_DTYPES, open_weight_file, t5_names_from_gguf
-from .flux_layout import flux_from_diffusers
+from .flux_layout import flux_config_from_diffusers, flux_config_from_shapes, flux_from_diffusers
 from .formats import QuantizedTensor, codec, quantize
 from .safetensors_file import SafetensorsFile, open_sharded
 from .source import TensorRef, TensorSource
-from .text_layout import clip_canonical, t5_canonical
-from .vae_layout import vae_from_diffusers
+from .text_layout import (
+    clip_canonical,
+    clip_config_from_shapes,
+    clip_config_from_transformers,
+    t5_canonical,
+    t5_config_from_shapes,
+    t5_config_from_transformers,
+)
+from .vae_layout import vae_config_from_diffusers, vae_config_from_shapes, vae_from_diffusers
 
 
 @dataclass(frozen=True)
@@ -74,22 +81,22 @@ def _vae_file_layout(source: TensorSource) -> TensorSource:
 COMPONENTS: dict[str, Component] = {
     "transformer": Component(
         "transformer", "FLUX transformer", "transformer", FluxTransformer,
-        FluxConfig.from_diffusers_config, FluxConfig.from_shapes, flux_from_diffusers, _flux_file_layout,
+        flux_config_from_diffusers, flux_config_from_shapes, flux_from_diffusers, _flux_file_layout,
         "double_blocks.", ("model.diffusion_model.",), ("double_blocks.", "single_blocks."),
     ),
     "t5": Component(
         "t5", "T5 text encoder", "text_encoder_2", T5Encoder,
-        T5Config.from_transformers_config, T5Config.from_shapes, lambda s, _: t5_canonical(s),
+        t5_config_from_transformers, t5_config_from_shapes, lambda s, _: t5_canonical(s),
         lambda s: t5_canonical(t5_names_from_gguf(s)), "encoder.block.", (), ("encoder.block.",),
     ),
     "clip": Component(
         "clip", "CLIP text encoder", "text_encoder", CLIPTextModel,
-        CLIPTextConfig.from_transformers_config, CLIPTextConfig.from_shapes, lambda s, _: clip_canonical(s),
+        clip_config_from_transformers, clip_config_from_shapes, lambda s, _: clip_canonical(s),
         clip_canonical, "layers.",
     ),
     "vae": Component(
         "vae", "VAE", "vae", AutoEncoder,
-        AutoEncoderConfig.from_diffusers_config, AutoEncoderConfig.from_shapes, vae_from_diffusers,
+        vae_config_from_diffusers, vae_config_from_shapes, vae_from_diffusers,
         _vae_file_layout, "encoder.conv_in.", ("first_stage_model.", "vae."),
     ),
 }  # fmt: skip
