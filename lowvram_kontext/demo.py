@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .paths import cache_dir
 from .tiny import ensure_tiny_checkpoints
 
 DEMO_SIZE = 256
@@ -15,14 +15,6 @@ NOTICE = (
     "demo: the model's weights are RANDOM (a tiny model of Kontext's architecture, made locally); "
     "the output is noise, not an edit. Point --model at real Kontext weights for real edits."
 )
-
-
-def cache_dir() -> Path:
-    """Where generated files live: $LOWVRAM_KONTEXT_CACHE, else the user's cache folder."""
-    if "LOWVRAM_KONTEXT_CACHE" in os.environ:
-        return Path(os.environ["LOWVRAM_KONTEXT_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "lowvram_kontext"
 
 
 def demo_model() -> Path:

@@ -22,8 +22,8 @@ from types import ModuleType
 import psutil
 import torch
 
-from .demo import cache_dir
 from .errors import KontextError
+from .paths import cache_dir
 
 GIB = 1 << 30
 MIB = 1 << 20

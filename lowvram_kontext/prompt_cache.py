@@ -8,7 +8,7 @@ every file: the contents are never read, the files are gigabytes), so replacing 
 those files leaves stale entries unused.
 
 The folder is ``$LOWVRAM_KONTEXT_PROMPT_CACHE`` when set, else ``prompts/`` inside the package's
-cache folder (see ``demo.cache_dir``). It only holds derived data: it may be moved (point the
+cache folder (see ``paths.cache_dir``). It only holds derived data: it may be moved (point the
 variable at the new place) or deleted at any time. ``PromptCache.clear`` removes only the entry
 files this module writes, nothing else that may share the folder.
 """
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .demo import cache_dir
 from .errors import KontextError, WeightFileError
+from .paths import cache_dir
 from .weights.safetensors_file import SafetensorsFile, save_safetensors
 
 ENV_VAR = "LOWVRAM_KONTEXT_PROMPT_CACHE"

@@ -8,8 +8,8 @@ import safetensors.torch
 import torch
 
 from lowvram_kontext import prompt_cache
-from lowvram_kontext.demo import cache_dir
 from lowvram_kontext.errors import KontextError, WeightFileError
+from lowvram_kontext.paths import cache_dir
 from lowvram_kontext.prompt_cache import PromptCache, encoder_identity, key
 
 

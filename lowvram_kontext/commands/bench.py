@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from .. import bench
-from ..demo import cache_dir
 from ..errors import KontextError
 from ..hardware import parse_size
+from ..paths import cache_dir
 
 DEFAULT_SIZE = 1024
 GRID = 16  # image sides: VAE downsampling (8) times the 2x2 packing

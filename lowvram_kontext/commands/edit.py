@@ -12,6 +12,7 @@ from PIL import Image
 from .. import demo, images, workflow
 from ..errors import KontextError
 from ..hardware import cap_allocator, parse_size
+from ..paths import cache_dir
 from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, KontextPipeline, default_dtype, resolve_device
 from ..planner import ModelSizes, Plan, load_profiles, plan
 from ..progress import Progress
@@ -129,7 +130,7 @@ def open_pipeline(
         device=device,
         dtype=dtype,
         progress=progress,
-        cache_dir=demo.cache_dir(),
+        cache_dir=cache_dir(),
         keep_weights=several,
         prompt_cache=cache,
     )
