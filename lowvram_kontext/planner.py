@@ -89,7 +89,7 @@ from .models.t5 import T5Block, T5Config, T5Encoder
 from .offload.engine import STAGING_BUFFERS, STAGING_CHUNK_BYTES
 from .offload.host import HOST_TIERS, plan_tiers
 from .sampling import PACK
-from .vae_tiling import decode_peak_bytes, encode_peak_bytes
+from .vae_tiling import choose_tile, decode_peak_bytes, encode_peak_bytes
 from .weights.files import FP8_DTYPES
 from .weights.formats import BlockCodec, PlainCodec, codec, formats
 from .weights.formats.base import CHUNK_ELEMENTS, Codec
@@ -111,7 +111,6 @@ PROFILES_DIR = _PACKAGE / "profiles" if (_PACKAGE / "profiles").is_dir() else _P
 PROFILES_ENV = "LOWVRAM_KONTEXT_PROFILES"
 FILE_FORMAT = "file"
 COMPUTE_BYTES = 2  # bf16 activations and dequantized weights
-VAE_TILES = (1024, 768, 512, 384, 256, 128)  # sides tried, largest first, when tile = "auto"
 MIN_TILE = 64
 TILE_MULTIPLE = 16  # a tile must cover whole packed latent cells: 8 pixels per latent cell, 2x2 cells
 
@@ -935,9 +934,7 @@ def _vae_stage(ctx: _Context, name: str, decode: bool) -> StagePlan:
     elif isinstance(setting, int):
         tile = setting if setting < max(width, height) else None
     else:
-        options = [None, *(t for t in VAE_TILES if t < max(width, height))]
-        fitting = [t for t in options if sum(terms(t).values()) <= ctx.budget]
-        tile = fitting[0] if fitting else min(options, key=lambda t: sum(terms(t).values()))
+        tile = choose_tile(lambda t: sum(terms(t).values()), width, height, ctx.budget)
     chosen = terms(tile)
     return StagePlan(name=name, format="bf16", terms=chosen, fits=sum(chosen.values()) <= ctx.budget, tile=tile)
 

@@ -55,6 +55,7 @@ from .errors import KontextError
 from .models.autoencoder import AutoEncoder, AutoEncoderConfig
 
 _FLOAT32_BYTES = 4
+TILE_SIDES = (1024, 768, 512, 384, 256, 128)  # tile sides in image pixels tried by ``choose_tile``, largest first
 
 
 def _check_grid(tile: int, overlap: int, unit: str) -> None:
@@ -304,61 +305,12 @@ def encode_peak_bytes(
     )
 
 
-def _fewest_tiles(
-    peak: Callable[[int | None], int], rows: int, cols: int, overlap: int, budget_bytes: int, what: str
-) -> int | None:
-    """The tile (cells) of fewest tiles, then least computed area, whose peak fits; None: untiled fits."""
-    if overlap < 0:
-        raise KontextError(f"VAE {what} overlap must be at least 0, got {overlap}")
-    if peak(None) <= budget_bytes:
-        return None
-    best: tuple[int, int, int] | None = None
-    for tile in range(overlap + 1, max(rows, cols)):
-        if peak(tile) > budget_bytes:
-            continue
-        count = len(tile_starts(rows, tile, overlap)) * len(tile_starts(cols, tile, overlap))
-        key = (count, count * min(tile, rows) * min(tile, cols), tile)
-        best = key if best is None or key < best else best
-    if best is None:
-        smallest = peak(overlap + 1)
-        raise KontextError(
-            f"VAE {what} needs at least {smallest / 2**30:.2f} GiB even in the smallest tiles, "
-            f"the budget is {budget_bytes / 2**30:.2f} GiB"
-        )
-    return best[2]
+def choose_tile(peak: Callable[[int | None], int], width: int, height: int, budget_bytes: int) -> int | None:
+    """The VAE tile side (image pixels) to run at, None for untiled; ``peak(side)`` predicts a pass's peak.
 
-
-def choose_tile(
-    config: AutoEncoderConfig,
-    latent_h: int,
-    latent_w: int,
-    dtype: torch.dtype,
-    budget_bytes: int,
-    overlap: int,
-) -> int | None:
-    """A decode tile (latent pixels) whose predicted peak fits ``budget_bytes``; None if untiled fits.
-
-    Of the tiles that fit, the one giving the fewest tiles, and of those the smallest (least
-    decoded area: a tile just big enough for that count wastes no overlap). Raises KontextError
-    when no tile fits.
+    Untiled when that fits the budget, else the largest of ``TILE_SIDES`` (below the image's longer side)
+    that fits; when none does, whichever option predicts the smallest peak.
     """
-
-    def peak(tile: int | None) -> int:
-        return decode_peak_bytes(config, latent_h, latent_w, dtype, tile)
-
-    return _fewest_tiles(peak, latent_h, latent_w, overlap, budget_bytes, "decode")
-
-
-def choose_encode_tile(
-    config: AutoEncoderConfig, height: int, width: int, dtype: torch.dtype, budget_bytes: int, overlap: int
-) -> int | None:
-    """As ``choose_tile`` for encoding: tile and ``overlap`` in image pixels (multiples of the factor)."""
-    factor = config.downsample_factor
-    if overlap % factor:
-        raise KontextError(f"VAE encode overlap ({overlap}) must be a multiple of {factor} pixels")
-
-    def peak(tile: int | None) -> int:
-        return encode_peak_bytes(config, height, width, dtype, None if tile is None else tile * factor)
-
-    cells = _fewest_tiles(peak, height // factor, width // factor, overlap // factor, budget_bytes, "encode")
-    return None if cells is None else cells * factor
+    options = [None, *(side for side in TILE_SIDES if side < max(width, height))]
+    fitting = [side for side in options if peak(side) <= budget_bytes]
+    return fitting[0] if fitting else min(options, key=peak)

@@ -27,8 +27,8 @@ from lowvram_kontext.errors import KontextError
 from lowvram_kontext.models.autoencoder import AutoEncoder, AutoEncoderConfig
 from lowvram_kontext.tiny import TINY_VAE, random_state_dict
 from lowvram_kontext.vae_tiling import (
+    TILE_SIDES,
     blend_weights,
-    choose_encode_tile,
     choose_tile,
     decode_peak_bytes,
     decode_tiled,
@@ -361,22 +361,21 @@ def test_estimate_grows_with_the_tile() -> None:
     assert encode[0] < encode[len(encode) // 2] < encode_peak_bytes(config, 1024, 768, torch.bfloat16)
 
 
-def test_choose_tile() -> None:
+def test_chosen_tiles_fit_the_budget_and_shrink_with_it() -> None:
+    """The rule the planner runs: untiled when that fits, else the largest tile side that fits."""
     config = AutoEncoderConfig()
-    bf16 = torch.bfloat16
-    untiled = decode_peak_bytes(config, 128, 128, bf16)
-    assert choose_tile(config, 128, 128, bf16, untiled, 8) is None
-    tile = choose_tile(config, 128, 128, bf16, GIB, 8)
-    # 2 x 2 tiles fit 1 GiB; 68 is the smallest tile that covers 128 in two with 8 of overlap.
-    assert tile == 68
-    assert decode_peak_bytes(config, 128, 128, bf16, tile) <= GIB < untiled
-    smaller = choose_tile(config, 128, 128, bf16, GIB // 2, 8)
-    assert smaller is not None and smaller < tile
-    assert decode_peak_bytes(config, 128, 128, bf16, smaller) <= GIB // 2
-    with pytest.raises(KontextError, match="budget"):
-        choose_tile(config, 128, 128, bf16, 100 * 2**20, 8)  # below the weights alone
 
-    assert choose_encode_tile(config, 1024, 1024, bf16, 3 * GIB, 64) is None
-    encode_tile = choose_encode_tile(config, 1024, 1024, bf16, GIB // 2, 64)
-    assert encode_tile is not None and encode_tile % 8 == 0
-    assert encode_peak_bytes(config, 1024, 1024, bf16, encode_tile) <= GIB // 2
+    def decode_peak(side: int | None) -> int:  # a 1024x1024 image: 128x128 latent pixels
+        return decode_peak_bytes(config, 128, 128, torch.bfloat16, None if side is None else side // 8)
+
+    untiled = decode_peak(None)
+    assert choose_tile(decode_peak, 1024, 1024, untiled) is None
+    budgets = [int(untiled * share) for share in (0.99, 0.8, 0.6, 0.4, 0.3)]
+    chosen = [choose_tile(decode_peak, 1024, 1024, budget) for budget in budgets]
+    assert all(side is not None and decode_peak(side) <= budget for side, budget in zip(chosen, budgets, strict=True))
+    assert all(a >= b for a, b in pairwise(chosen)) and chosen[0] > chosen[-1]
+    # Nothing fits below the weights alone: the smallest peak on offer, which the planner reports as not fitting.
+    smallest = choose_tile(decode_peak, 1024, 1024, 100 * 2**20)
+    assert decode_peak(smallest) == min(decode_peak(side) for side in (None, *TILE_SIDES))
+    # Tiles as large as the image are no tiles: a small image has only the untiled option.
+    assert choose_tile(decode_peak, 128, 128, 0) is None

@@ -2,11 +2,11 @@
 
 The full-size FLUX autoencoder is built with random weights (fixed seed) in bf16 and run on a smooth
 random latent (decode) and a smooth random image (encode) at 1024x1024, untiled and in several tile
-sizes, among them the tile ``choose_tile`` picks for ``--budget``. Reported per run: tiles, the
-decoded area relative to untiled, the allocator's peak (``torch.cuda.max_memory_allocated`` after a
-reset, weights and input included), the analytic estimate and measured/estimated, the median time
-(CUDA events) and its ratio to untiled, and the mean absolute difference from the untiled result
-(decode: pixels clamped to [-1, 1]; encode: latent units).
+sizes, among them the tiles the planner's rule (``vae_tiling.choose_tile``) picks for ``--budget``.
+Reported per run: tiles, the decoded area relative to untiled, the allocator's peak
+(``torch.cuda.max_memory_allocated`` after a reset, weights and input included), the analytic estimate
+and measured/estimated, the median time (CUDA events) and its ratio to untiled, and the mean absolute
+difference from the untiled result (decode: pixels clamped to [-1, 1]; encode: latent units).
 
     python tools/measure_vae_tiling.py --json vae_tiling.json     # CUDA (package installed or PYTHONPATH=.)
     python tools/measure_vae_tiling.py --device cpu --small       # tiny VAE, a quick check anywhere
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from lowvram_kontext.models.autoencoder import AutoEncoder, AutoEncoderConfig
 from lowvram_kontext.tiny import TINY_VAE, random_state_dict
 from lowvram_kontext.vae_tiling import (
-    choose_encode_tile,
     choose_tile,
     decode_peak_bytes,
     decode_tiled,
@@ -166,9 +165,16 @@ def main() -> None:
             return lambda: vae.encode(image)
         return lambda: encode_tiled(vae, image, tile, encode_overlap)
 
-    chosen = choose_tile(config, latent, latent, dtype, budget, overlap)
     encode_overlap = overlap * factor
-    chosen_encode = choose_encode_tile(config, size, size, dtype, budget, encode_overlap)
+    # The planner's rule, on the bare estimates: sides in image pixels (decode tiles run in latent pixels).
+    chosen_side = choose_tile(
+        lambda side: decode_peak_bytes(config, latent, latent, dtype, None if side is None else side // factor),
+        size,
+        size,
+        budget,
+    )
+    chosen = None if chosen_side is None else chosen_side // factor
+    chosen_encode = choose_tile(lambda side: encode_peak_bytes(config, size, size, dtype, side), size, size, budget)
     with torch.inference_mode():
         decode_rows = run_cases(
             "decode",
