@@ -56,15 +56,21 @@ def streamed_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return STREAMED
 
 
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder of synthetic weights for every bench run here: the first run writes it, the others reuse it."""
+    return tmp_path_factory.mktemp("synthetic")
+
+
 def _files(folder: Path) -> dict[Path, tuple[int, int]]:
     return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
 def test_bench_measures_each_profile_and_its_resident_twin(
-    tmp_path: Path, streamed_profile: str, capsys: pytest.CaptureFixture
+    tmp_path: Path, synthetic_cache: Path, streamed_profile: str, capsys: pytest.CaptureFixture
 ) -> None:
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    argv = [*ARGS, "--profiles", streamed_profile, "--json", str(out), "--cache-dir", str(tmp_path)]
+    argv = [*ARGS, "--profiles", streamed_profile, "--json", str(out), "--cache-dir", str(synthetic_cache)]
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None  # optional: no plot without it
     assert main(argv + (["--plot", str(plot)] if has_matplotlib else [])) == 0
     table = capsys.readouterr().out
@@ -109,11 +115,12 @@ def test_bench_measures_each_profile_and_its_resident_twin(
 
 
 def test_synthetic_files_are_reused_and_a_profile_that_cannot_fit_is_a_failed_row(
-    tmp_path: Path, streamed_profile: str, capsys: pytest.CaptureFixture
+    tmp_path: Path, synthetic_cache: Path, streamed_profile: str, capsys: pytest.CaptureFixture
 ) -> None:
-    cache = tmp_path / "synthetic"
+    cache = synthetic_cache
+    existed = bool(_files(cache))  # when another test ran first, it wrote them
     assert main([*ARGS, "--profiles", "resident-nf4", "--cache-dir", str(cache)]) == 0
-    assert "writing synthetic weights" in capsys.readouterr().err
+    assert ("writing synthetic weights" in capsys.readouterr().err) != existed
     written = _files(cache)
     assert {p.name for p in written} >= {
         "transformer-nf4.safetensors", "t5-nf4.safetensors", "clip-bf16.safetensors", "vae-bf16.safetensors"
@@ -137,7 +144,7 @@ def test_synthetic_files_are_reused_and_a_profile_that_cannot_fit_is_a_failed_ro
 
 
 def test_running_out_of_memory_is_recorded_and_the_bench_goes_on(
-    tmp_path: Path, streamed_profile: str, monkeypatch: pytest.MonkeyPatch
+    synthetic_cache: Path, streamed_profile: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_sample = KontextPipeline.sample
     released: list[str] = []
@@ -154,7 +161,7 @@ def test_running_out_of_memory_is_recorded_and_the_bench_goes_on(
 
     monkeypatch.setattr(KontextPipeline, "sample", sample)
     monkeypatch.setattr(KontextPipeline, "release", release)
-    settings = bench.BenchSettings((streamed_profile,), None, tmp_path, SIZE, SIZE, steps=1, small=True)
+    settings = bench.BenchSettings((streamed_profile,), None, synthetic_cache, SIZE, SIZE, steps=1, small=True)
     report = bench.run_bench(settings)
     first, second = report.rows
     assert first.profile == "resident-nf4" and not first.completed
@@ -207,13 +214,14 @@ def test_bad_options_end_with_one_line(options: list[str], message: str, capsys:
 
 
 def test_session_mode_times_later_edits_on_the_kept_pipeline(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, synthetic_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from lowvram_kontext import cli
 
     out = tmp_path / "session.json"
-    argv = ["bench", "--synthetic", "--small", "--profiles", "resident-nf4", "--session", "--steps", "1", "--warmup",
-            "0", "--width", "32", "--height", "32", "--cache-dir", str(tmp_path / "c"), "--json", str(out)]  # fmt: skip
+    argv = ["bench", "--synthetic", "--small", "--profiles", "resident-nf4", "--session", "--steps", "1",
+            "--warmup", "0", "--width", "32", "--height", "32", "--cache-dir", str(synthetic_cache),
+            "--json", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     row = json.loads(out.read_text())["rows"][0]
     assert row["completed"] and len(row["session_edit_seconds"]) == 2

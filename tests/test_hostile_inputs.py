@@ -262,8 +262,8 @@ def test_tensor_data_damage_loads_or_fails_cleanly(
             data = _flip(data, (start, len(data)), rng)
         damaged.write_bytes(data)
         seen[f"{name} " + _run(capsys, _edit(files, out, **{name: damaged}), out)] += 1
-    # Neither format has checksums: damaged weights load and, seed 1234, both edits run to an image.
-    assert sum(seen.values()) == 2, seen
+    # Neither format has checksums: damaged values are not detected, so (seed 1234) both edits run to an image.
+    assert seen == {"vae ok": 1, "transformer ok": 1}, seen
 
 
 # --- images --------------------------------------------------------------------------------------
