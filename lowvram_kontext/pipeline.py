@@ -21,7 +21,7 @@ from torch import nn
 
 from . import images, sampling
 from .errors import KontextError
-from .offload import StreamingEngine, stream_model, trim_heap
+from .offload import StreamingEngine, StreamSettings, stream_model, trim_heap
 from .planner import Plan, StagePlan
 from .progress import Progress
 from .prompt_cache import PromptCache, encoder_identity
@@ -247,9 +247,7 @@ class KontextPipeline:
             return model.to(self.device)
         settings = self.plan.profile.transformer if name == "transformer" else self.plan.profile.t5
         pinned_elsewhere = sum(e.pinned_bytes for e in self._engines.values())
-        self._engines[name] = stream_model(
-            model,
-            self.device,
+        stream = StreamSettings(
             resident=planned.resident_blocks,
             prefetch=planned.prefetch,
             host=settings.host,
@@ -258,6 +256,7 @@ class KontextPipeline:
             measure=self.device.type == "cuda",
             keep_host=self.keep_weights,
         )
+        self._engines[name] = stream_model(model, self.device, stream)
         return model
 
     def _make_room(self, stage: str) -> None:

@@ -21,6 +21,7 @@ from lowvram_kontext.models.t5 import T5Config, T5Encoder
 from lowvram_kontext.offload import (
     Step,
     StreamingEngine,
+    StreamSettings,
     block_tensors,
     model_blocks,
     plan_tiers,
@@ -105,7 +106,7 @@ def test_streamed_equals_resident(kind, resident, prefetch, host, tmp_path):
     model = random_model(kind)
     expected = resident_output(kind)
     resident = block_count(kind) if resident == "all" else resident
-    engine = stream_model(model, "cpu", resident, prefetch, host=host, cache_dir=tmp_path)
+    engine = stream_model(model, "cpu", StreamSettings(resident, prefetch, host=host, cache_dir=tmp_path))
     for _ in range(2):  # the second forward uses the loads the first one issued at its end
         assert torch.equal(run(model), expected)
     engine.detach()
@@ -120,7 +121,7 @@ def test_compressed_linears_stream(kind, fmt, tmp_path):
     model = random_model(kind, compressed=fmt)
     expected = run(model)
     for host in ("pageable", "mmap"):
-        engine = stream_model(model, "cpu", resident=1, prefetch=1, host=host, cache_dir=tmp_path)
+        engine = stream_model(model, "cpu", StreamSettings(resident=1, prefetch=1, host=host, cache_dir=tmp_path))
         assert torch.equal(run(model), expected)
         assert torch.equal(run(model), expected)
         engine.detach()
@@ -130,7 +131,7 @@ def test_compressed_linears_stream(kind, fmt, tmp_path):
 def test_schedule_order():
     """Five blocks, one resident, two slots: load ahead, run, refill the freed slot, wrap to the next run."""
     model = random_model("flux")
-    engine = stream_model(model, "cpu", resident=1, prefetch=1, trace=True)
+    engine = stream_model(model, "cpu", StreamSettings(resident=1, prefetch=1, trace=True))
     assert engine.trace == [Step("load", 1, 0), Step("load", 2, 1)]  # issued at attach
     run(model)
     run(model)
@@ -164,7 +165,7 @@ def check_schedule(trace: list[Step], streamed: list[int], slots: int) -> None:
 def test_schedule_uses_at_most_prefetch_plus_one_slots(resident, prefetch):
     model = random_model("flux")
     count = block_count("flux")
-    engine = stream_model(model, "cpu", resident, prefetch, trace=True)
+    engine = stream_model(model, "cpu", StreamSettings(resident, prefetch, trace=True))
     for _ in range(3):
         run(model)
     streamed = list(range(resident, count))
@@ -176,7 +177,7 @@ def test_schedule_uses_at_most_prefetch_plus_one_slots(resident, prefetch):
 def test_blocks_hold_views_of_one_packed_buffer_and_run_from_slots():
     model = random_model("flux")
     blocks = model_blocks(model)
-    engine = stream_model(model, "cpu", resident=1, prefetch=1, host="pageable", trace=True)
+    engine = stream_model(model, "cpu", StreamSettings(resident=1, prefetch=1, host="pageable", trace=True))
     packed = {}
     for index, block in enumerate(blocks[1:], start=1):
         storages = {held.tensor.untyped_storage().data_ptr() for held in block_tensors(block)}
@@ -206,7 +207,7 @@ def test_statistics():
     model = random_model("flux")
     blocks = model_blocks(model)
     sizes = [sum(h.tensor.numel() * h.tensor.element_size() for h in block_tensors(b)) for b in blocks]
-    engine = stream_model(model, "cpu", resident=2, prefetch=1, host="pinned", measure=True, trace=True)
+    engine = stream_model(model, "cpu", StreamSettings(resident=2, prefetch=1, host="pinned", measure=True, trace=True))
     run(model)
     run(model)
     engine.wait_for_loads()
@@ -228,7 +229,7 @@ def test_statistics():
 def test_restarts_after_a_failed_forward():
     model = random_model("flux")
     expected = resident_output("flux")
-    engine = stream_model(model, "cpu", resident=1, prefetch=1)
+    engine = stream_model(model, "cpu", StreamSettings(resident=1, prefetch=1))
     failures = iter([True])
 
     def fail_once(module, args):
@@ -246,7 +247,7 @@ def test_restarts_after_a_failed_forward():
 
 def test_detach_then_attach_again(tmp_path):
     model = random_model("t5")
-    engine = stream_model(model, "cpu", resident=0, prefetch=1, host="mmap", cache_dir=tmp_path)
+    engine = stream_model(model, "cpu", StreamSettings(resident=0, prefetch=1, host="mmap", cache_dir=tmp_path))
     run(model)
     engine.detach()
     engine.detach()  # a second detach does nothing
@@ -254,6 +255,58 @@ def test_detach_then_attach_again(tmp_path):
     assert torch.equal(run(model), resident_output("t5"))
     engine.detach()
     assert not has_hooks(model)
+
+
+class _Stack(nn.Module):
+    """A model the offload package has never heard of: it only lists its blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(4))
+
+    def streamable_blocks(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_any_model_that_lists_its_blocks_streams():
+    torch.manual_seed(0)
+    model = _Stack().eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        engine = stream_model(model, "cpu", StreamSettings(resident=1, prefetch=1))
+        assert engine.slots == 2 and engine.bytes_per_forward > 0
+        assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
+    engine.detach()
+
+
+def test_offload_imports_no_model():
+    """The engine finds blocks through the models' own method, so the package stands without models/."""
+    code = "import sys, lowvram_kontext.offload; print(sorted(m for m in sys.modules if '.models' in m))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_detach_drops_everything_an_attachment_made():
+    model = random_model("flux")
+    engine = stream_model(model, "cpu", StreamSettings(resident=1, prefetch=2))
+    run(model)
+    slots = [weakref.ref(slot) for slot in engine._attachment.slots]
+    engine.detach()
+    gc.collect()
+    assert not engine.attached and engine.staging_bytes == 0
+    assert all(ref() is None for ref in slots)  # the device slots are gone with the attachment
+    assert not has_hooks(model)
+    engine.attach()
+    assert torch.equal(run(model), resident_output("flux"))
+    engine.close()
 
 
 def _tensor_addresses(model: nn.Module) -> list[int]:
@@ -274,7 +327,7 @@ def test_kept_host_copies_make_detach_and_attach_cheap(kind, resident, monkeypat
     model = random_model(kind)
     expected = resident_output(kind)
     resident = block_count(kind) if resident == "all" else resident
-    engine = stream_model(model, "cpu", resident, 1, host="mmap", cache_dir=tmp_path, keep_host=True)
+    engine = stream_model(model, "cpu", StreamSettings(resident, 1, host="mmap", cache_dir=tmp_path, keep_host=True))
     assert len(packed) == block_count(kind) + 1  # every block, and the tensors outside the blocks
     host_copies = None
     for _ in range(3):
@@ -307,7 +360,7 @@ def test_packing_frees_each_old_tensor_at_once(monkeypatch):
         return result
 
     monkeypatch.setattr(engine_module, "pack", watching_pack)
-    engine = stream_model(model, "cpu", resident=2, prefetch=1, host="pageable", keep_host=True)
+    engine = stream_model(model, "cpu", StreamSettings(resident=2, prefetch=1, host="pageable", keep_host=True))
     assert len(old_alive) == block_count("flux") + 1
     packed_before = 0
     for alive, group in old_alive:  # the earlier groups' old tensors are gone
@@ -364,20 +417,20 @@ def test_plan_tiers():
 def test_errors(tmp_path):
     blocks = model_blocks(random_model("t5"))
     with pytest.raises(KontextError, match="5 resident blocks asked for, there are 4"):
-        StreamingEngine(blocks, "cpu", resident=5)
+        StreamingEngine(blocks, "cpu", StreamSettings(resident=5))
     with pytest.raises(KontextError, match="prefetch"):
-        StreamingEngine(blocks, "cpu", resident=0, prefetch=-1)
+        StreamingEngine(blocks, "cpu", StreamSettings(resident=0, prefetch=-1))
     with pytest.raises(KontextError, match="unknown host memory tier 'disk'"):
-        StreamingEngine(blocks, "cpu", resident=0, host="disk")
+        StreamingEngine(blocks, "cpu", StreamSettings(resident=0, host="disk"))
     with pytest.raises(KontextError, match="needs a cache folder"):
-        StreamingEngine(blocks, "cpu", resident=0, host="mmap").attach()
+        StreamingEngine(blocks, "cpu", StreamSettings(resident=0, host="mmap")).attach()
     with pytest.raises(KontextError, match="no block list known for a Linear"):
-        stream_model(nn.Linear(2, 2), "cpu", resident=0)
+        stream_model(nn.Linear(2, 2), "cpu", StreamSettings(resident=0))
     with torch.device("meta"):
         empty = T5Encoder(T5_CONFIG)
     with pytest.raises(KontextError, match="tensor shared.weight has no data"):
-        stream_model(empty, "cpu", resident=0)
-    engine = StreamingEngine(blocks, "cpu", resident=1).attach()
+        stream_model(empty, "cpu", StreamSettings(resident=0))
+    engine = StreamingEngine(blocks, "cpu", StreamSettings(resident=1)).attach()
     with pytest.raises(KontextError, match="attached already"):
         engine.attach()
 
@@ -398,7 +451,7 @@ def test_cuda_streamed_equals_resident(kind, host, tmp_path):
         tiers = ["pinned"] + ["pageable"] * (streamed - 1)
     else:
         tier, cap, tiers = host, None, [host] * streamed
-    engine = stream_model(model, "cuda", 1, 1, host=tier, pinned_cap_bytes=cap, cache_dir=tmp_path)
+    engine = stream_model(model, "cuda", StreamSettings(1, 1, host=tier, pinned_cap_bytes=cap, cache_dir=tmp_path))
     assert engine.tiers == tiers
     for _ in range(3):
         assert torch.equal(run(model, "cuda"), expected)
@@ -412,7 +465,7 @@ def test_cuda_kept_host_copies_free_the_device_on_detach():
     streamed = sum(BlockLayout(block_tensors(block)).nbytes for block in model_blocks(model)[2:])
     before = torch.cuda.memory_allocated()
     # Room to pin the streamed blocks only: the kept resident copies are pageable.
-    engine = stream_model(model, "cuda", 2, 1, host="pinned", pinned_cap_bytes=streamed, keep_host=True)
+    engine = stream_model(model, "cuda", StreamSettings(2, 1, host="pinned", pinned_cap_bytes=streamed, keep_host=True))
     assert engine.pinned_bytes == streamed
     for _ in range(3):
         assert torch.equal(run(model, "cuda"), expected)
@@ -430,7 +483,7 @@ def test_cuda_kept_host_copies_free_the_device_on_detach():
 @pytest.mark.parametrize("host", ["pinned", "pageable"])
 def test_cuda_reserved_memory_is_flat_across_forwards(host):
     model = random_model("flux")
-    engine = stream_model(model, "cuda", resident=1, prefetch=2, host=host)
+    engine = stream_model(model, "cuda", StreamSettings(resident=1, prefetch=2, host=host))
     run(model, "cuda")
     reserved = []
     for _ in range(3):
@@ -467,7 +520,7 @@ def test_cuda_copies_overlap_compute(host):
         still_computing.append(not computed.query())
 
     blocks[1].register_forward_hook(probe)
-    engine = StreamingEngine(blocks, "cuda", resident=0, prefetch=1, host=host, trace=True).attach()
+    engine = StreamingEngine(blocks, "cuda", StreamSettings(resident=0, prefetch=1, host=host, trace=True)).attach()
     x = torch.randn(8, 64, device="cuda")
     with torch.no_grad():
         for block in blocks:

@@ -93,9 +93,9 @@ def test_kept_weights_are_read_from_disk_once_over_several_edits(
     engines: list[str] = []
     real_stream_model = pipeline_module.stream_model
 
-    def counting_stream_model(model, *args, **kwargs):  # noqa: ANN001, ANN202
-        engines.append(f"{type(model).__name__}, keep_host={kwargs['keep_host']}")
-        return real_stream_model(model, *args, **kwargs)
+    def counting_stream_model(model, device, settings):  # noqa: ANN001, ANN202
+        engines.append(f"{type(model).__name__}, keep_host={settings.keep_host}")
+        return real_stream_model(model, device, settings)
 
     monkeypatch.setattr(pipeline_module, "stream_model", counting_stream_model)
     streamed_plan, _ = _plan(tiny_root, resident=1)

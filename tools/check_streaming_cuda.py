@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lowvram_kontext.models.flux import FluxConfig, FluxTransformer
-from lowvram_kontext.offload import StreamingEngine, model_blocks, stream_model
+from lowvram_kontext.offload import StreamingEngine, StreamSettings, model_blocks, stream_model
 from lowvram_kontext.tiny import TINY_FLUX
 from lowvram_kontext.weights.compressed_linear import replace_linears
 from lowvram_kontext.weights.formats import QuantizedTensor
@@ -120,9 +120,7 @@ def step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int)
     return times
 
 
-def measure(
-    model: FluxTransformer, engine: StreamingEngine, batch: dict[str, torch.Tensor], repeats: int
-) -> dict:
+def measure(model: FluxTransformer, engine: StreamingEngine, batch: dict[str, torch.Tensor], repeats: int) -> dict:
     cuda = engine.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -156,9 +154,8 @@ def run_format(fmt: str, config: FluxConfig, args: argparse.Namespace, sizes: tu
     results, baseline = [], {}
     for resident, prefetch in sorted(settings, key=lambda rp: (-rp[0], rp[1])):
         began = time.perf_counter()
-        engine = stream_model(
-            model, args.device, resident, prefetch, host=args.host, cache_dir=args.cache_dir, measure=True
-        )
+        settings = StreamSettings(resident, prefetch, host=args.host, cache_dir=args.cache_dir, measure=True)
+        engine = stream_model(model, args.device, settings)
         attach_s = time.perf_counter() - began
         for text, side in sizes:
             batch = inputs(config, text, side, engine.device)
@@ -209,9 +206,7 @@ def main() -> None:
         parser.error("no CUDA device; use --device cpu --small")
     config = TINY_FLUX if args.small else FluxConfig()
     blocks = config.depth + config.depth_single_blocks
-    args.resident = (
-        [int(r) for r in args.resident.split(",")] if args.resident else [0, blocks // 3, 2 * blocks // 3]
-    )
+    args.resident = [int(r) for r in args.resident.split(",")] if args.resident else [0, blocks // 3, 2 * blocks // 3]
     args.prefetch = [int(p) for p in args.prefetch.split(",")]
     sizes = SMALL_SIZES if args.small else FULL_SIZES
     device = torch.device(args.device)

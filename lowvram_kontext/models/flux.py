@@ -268,6 +268,10 @@ class FluxTransformer(nn.Module):
         )
         self.final_layer = LastLayer(config)
 
+    def streamable_blocks(self) -> list[nn.Module]:
+        """The blocks in run order (double-stream, then single-stream): what block streaming holds off the device."""
+        return [*self.double_blocks, *self.single_blocks]
+
     def forward(
         self,
         img: Tensor,

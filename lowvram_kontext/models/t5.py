@@ -168,6 +168,10 @@ class T5Encoder(nn.Module):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config)
 
+    def streamable_blocks(self) -> list[nn.Module]:
+        """The encoder blocks in run order: what block streaming holds off the device."""
+        return list(self.encoder.block)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids`` [B, L] -> ``last_hidden_state`` [B, L, d_model]; no attention mask."""
         x = self.shared(input_ids)

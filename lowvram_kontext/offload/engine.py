@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import KontextError
 from .host import HOST_TIERS, HostMemory, plan_tiers, trim_heap
@@ -69,6 +70,28 @@ class CopyTime:
     seconds: float
 
 
+@dataclass(frozen=True)
+class StreamSettings:
+    """How an engine holds its blocks: the one settings object of ``StreamingEngine`` and ``stream_model``.
+
+    ``resident`` leading blocks stay on the device; the others stream through ``prefetch + 1`` slots.
+    ``host`` is the tier of the streamed blocks' host copies: "pinned" (pinned up to
+    ``pinned_cap_bytes``, pageable beyond; pageable on a CPU device), "pageable" or "mmap" (files
+    in ``cache_dir``). ``measure`` times every copy (see ``StreamingEngine.copy_times``); ``trace``
+    records the schedule; ``keep_host`` keeps host copies of everything so that detaching and
+    attaching again are cheap (see the module).
+    """
+
+    resident: int
+    prefetch: int = 1
+    host: str = "pinned"
+    pinned_cap_bytes: int | None = None
+    cache_dir: Path | None = None
+    measure: bool = False
+    trace: bool = False
+    keep_host: bool = False
+
+
 @dataclass
 class _Packed:
     """Tensors packed into one host buffer: their layout, the buffer and its tier, their views of it."""
@@ -81,75 +104,77 @@ class _Packed:
 
 @dataclass
 class _Streamed(_Packed):
-    """A streamed block (``index`` in run order) and its tensors' views of each slot while attached."""
+    """A streamed block, ``index`` in run order."""
 
     index: int
-    slot_views: list[list[Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class _Attachment:
+    """Everything one ``attach`` sets up and its ``detach`` drops: hooks, device buffers, the loader and
+    the schedule's place. Engines keep only what outlives attachments (the packed host copies, statistics)."""
+
+    hooks: list[RemovableHandle] = field(default_factory=list)
+    uploaded: list[Tensor] = field(default_factory=list)  # with keep_host: the resident copies on the device
+    slots: list[Tensor] = field(default_factory=list)
+    slot_views: list[list[list[Tensor]]] = field(default_factory=list)  # [streamed position][slot]: its tensors
+    loader: ThreadPoolExecutor | None = None
+    queue: deque[tuple[int, int, Future]] = field(default_factory=deque)  # (position, slot, copy): issued, not run
+    active: tuple[int, int] | None = None  # (position, slot) of the streamed block running now
+    next_position: int = 0
+    next_slot: int = 0
+    # On a CUDA device: the side stream, each slot's events, the pinned staging ring for pageable blocks.
+    copy_stream: torch.cuda.Stream | None = None
+    copied: list[torch.cuda.Event] = field(default_factory=list)
+    freed: list[torch.cuda.Event] = field(default_factory=list)
+    ring: list[Tensor] = field(default_factory=list)
+    ring_free: list[torch.cuda.Event] = field(default_factory=list)
+    ring_next: int = 0
 
 
 class StreamingEngine:
-    """Streams ``blocks`` (run in this order) through ``prefetch + 1`` device slots.
+    """Streams ``blocks`` (run in this order) through ``prefetch + 1`` device slots, as ``settings`` say.
 
-    ``host`` is the tier of the streamed blocks' host copies: "pinned" (pinned up to
-    ``pinned_cap_bytes``, pageable beyond; pageable on a CPU device), "pageable" or "mmap" (files
-    in ``cache_dir``). ``prefetch`` is capped at the number of streamed blocks minus one.
-    ``measure`` times every copy (see ``copy_times``); ``trace`` records the schedule in ``trace``.
-    ``outside`` are the model's modules outside the blocks: their own tensors are on the device
-    while attached, like the resident blocks. For inference: parameters are frozen, and the blocks
-    must not be moved (``.to``) while attached. After ``detach`` streamed blocks hold their host
-    copies; resident blocks and ``outside`` stay on the device, or with ``keep_host`` hold their
-    host copies too (see the module).
+    ``prefetch`` is capped at the number of streamed blocks minus one. ``outside`` are the model's
+    modules outside the blocks: their own tensors are on the device while attached, like the
+    resident blocks. For inference: parameters are frozen, and the blocks must not be moved
+    (``.to``) while attached. After ``detach`` streamed blocks hold their host copies; resident
+    blocks and ``outside`` stay on the device, or with ``keep_host`` hold their host copies too.
     """
 
     def __init__(
         self,
         blocks: Sequence[nn.Module],
         device: torch.device | str,
-        resident: int,
-        prefetch: int = 1,
-        host: str = "pinned",
-        pinned_cap_bytes: int | None = None,
-        cache_dir: Path | None = None,
-        measure: bool = False,
-        trace: bool = False,
+        settings: StreamSettings,
         outside: Sequence[nn.Module] = (),
-        keep_host: bool = False,
     ) -> None:
+        resident, prefetch, host = settings.resident, settings.prefetch, settings.host
         if not 0 <= resident <= len(blocks):
             raise KontextError(f"streaming: {resident} resident blocks asked for, there are {len(blocks)}")
         if prefetch < 0:
             raise KontextError(f"streaming: prefetch must be 0 or more, got {prefetch}")
         if host not in HOST_TIERS:
             raise KontextError(f"streaming: unknown host memory tier {host!r}; expected one of {HOST_TIERS}")
+        self.settings = settings
         self.blocks = list(blocks)
         self.outside = list(outside)
-        self.keep_host = keep_host
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.resident = resident
-        streamed = len(blocks) - resident
-        self.slots = min(prefetch + 1, streamed)
+        self.slots = min(prefetch + 1, len(blocks) - resident)
         self.prefetch = max(self.slots - 1, 0)
-        self.host = host
-        self.pinned_cap_bytes = pinned_cap_bytes
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.measure = measure
-        self.trace: list[Step] | None = [] if trace else None
+        self.trace: list[Step] | None = [] if settings.trace else None
         self.bytes_streamed = 0
         self.resident_bytes = 0
         self.outside_bytes = 0
         self.slot_bytes = 0
-        self.staging_bytes = 0
-        self._attached = False
         self._cuda = self.device.type == "cuda"
-        self._queue: deque[tuple[int, int, Future]] = deque()  # (position, slot, copy): issued, not run
-        self._active: tuple[int, int] | None = None  # (position, slot) of the streamed block running now
         self._streamed: list[_Streamed] = []
         self._resident: list[_Packed] = []  # with keep_host: outside, then the resident blocks
-        self._uploaded: list[Tensor] = []  # with keep_host, while attached: their device buffers
         self._memory: HostMemory | None = None  # the packed host buffers' memory, from the first attach to close
-        self.copy_stream: torch.cuda.Stream | None = None  # the side stream, while attached to a CUDA device
+        self._attachment: _Attachment | None = None
         self._timings: list[tuple[int, int, object]] = []
 
     # ----- statistics
@@ -167,8 +192,18 @@ class StreamingEngine:
         return sum(p.layout.nbytes for p in [*self._streamed, *self._resident] if p.tier == "pinned")
 
     @property
+    def staging_bytes(self) -> int:
+        """Pinned host bytes of the staging ring, while attached to a CUDA device with pageable blocks."""
+        return 0 if self._attachment is None else len(self._attachment.ring) * STAGING_CHUNK_BYTES
+
+    @property
     def attached(self) -> bool:
-        return self._attached
+        return self._attachment is not None
+
+    @property
+    def copy_stream(self) -> torch.cuda.Stream | None:
+        """The side stream of the copies, while attached to a CUDA device."""
+        return None if self._attachment is None else self._attachment.copy_stream
 
     @property
     def tiers(self) -> list[str]:
@@ -188,34 +223,29 @@ class StreamingEngine:
 
     def attach(self) -> StreamingEngine:
         """Put resident blocks on the device, pack streamed ones on the host (once), hook them; returns self."""
-        if self._attached:
+        if self._attachment is not None:
             raise KontextError("streaming: the engine is attached already")
         if self._memory is None:
             for index, block in enumerate(self.blocks):
                 check_materialized(block, f"streaming: block {index}")
             self._pack()
-        if self.keep_host:
-            self._uploaded = [self._upload(p) for p in self._resident]
+        a = self._attachment = _Attachment()
+        if self.settings.keep_host:
+            a.uploaded = [self._upload(p) for p in self._resident]
             self.outside_bytes, *block_bytes = (p.layout.nbytes for p in self._resident)
             self.resident_bytes = sum(block_bytes)
         else:
             self.outside_bytes = self._move(self._outside_tensors())
             self.resident_bytes = sum(self._move(block_tensors(block)) for block in self.blocks[: self.resident])
-        self._next_position = 0
-        self._next_slot = 0
-        self._hooks = []
-        self._attached = True
         if not self._streamed:
             return self
-        size = self.slot_bytes
-        self._slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
-        for s in self._streamed:
-            s.slot_views = [s.layout.views(slot) for slot in self._slots]
-        self._setup_copies()
+        a.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
+        a.slot_views = [[s.layout.views(slot) for slot in a.slots] for s in self._streamed]
+        self._setup_copies(a)
         for position, s in enumerate(self._streamed):
             block = self.blocks[s.index]
-            self._hooks.append(block.register_forward_pre_hook(partial(self._before, position)))
-            self._hooks.append(block.register_forward_hook(partial(self._after, position)))
+            a.hooks.append(block.register_forward_pre_hook(partial(self._before, position)))
+            a.hooks.append(block.register_forward_hook(partial(self._after, position)))
         self._fill()
         return self
 
@@ -225,16 +255,17 @@ class StreamingEngine:
         Streamed blocks are copied every step, so they are pinned first; resident copies take what
         is left of the pinned cap: they are copied once per attach.
         """
+        host, cap = self.settings.host, self.settings.pinned_cap_bytes
         # Each group's tensors are gathered only to pack it, so its old tensors are freed right after.
         streamed = [partial(block_tensors, block) for block in self.blocks[self.resident :]]
         resident = [partial(block_tensors, block) for block in self.blocks[: self.resident]]
-        resident = [self._outside_tensors, *resident] if self.keep_host else []
+        resident = [self._outside_tensors, *resident] if self.settings.keep_host else []
         sizes = [BlockLayout(group()).nbytes for group in streamed]
-        tiers = plan_tiers(sizes, self.host, self.pinned_cap_bytes, can_pin=self._cuda)
+        tiers = plan_tiers(sizes, host, cap, can_pin=self._cuda)
         pinned = sum(size for size, tier in zip(sizes, tiers, strict=True) if tier == "pinned")
-        room = None if self.pinned_cap_bytes is None else self.pinned_cap_bytes - pinned
-        resident_tiers = plan_tiers([BlockLayout(group()).nbytes for group in resident], self.host, room, self._cuda)
-        self._memory = HostMemory(self.cache_dir)
+        room = None if cap is None else cap - pinned
+        resident_tiers = plan_tiers([BlockLayout(group()).nbytes for group in resident], host, room, self._cuda)
+        self._memory = HostMemory(self.settings.cache_dir)
         self._streamed = [
             _Streamed(*self._packed(group, tier), index=self.resident + offset)
             for offset, (group, tier) in enumerate(zip(streamed, tiers, strict=True))
@@ -267,48 +298,39 @@ class StreamingEngine:
         packed.layout.point(packed.layout.views(buffer))
         return buffer
 
-    def _setup_copies(self) -> None:
+    def _setup_copies(self, a: _Attachment) -> None:
         """The loader thread and, on CUDA, the copy stream, the slots' events and the staging ring."""
         thread = {"initializer": torch.cuda.set_device, "initargs": (self.device,)} if self._cuda else {}
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="kontext-loader", **thread)
+        a.loader = ThreadPoolExecutor(1, thread_name_prefix="kontext-loader", **thread)
         if not self._cuda:
             return
-        self.copy_stream = torch.cuda.Stream(self.device)
-        self._copied = [torch.cuda.Event() for _ in range(self.slots)]
-        self._freed = [torch.cuda.Event() for _ in range(self.slots)]
+        a.copy_stream = torch.cuda.Stream(self.device)
+        a.copied = [torch.cuda.Event() for _ in range(self.slots)]
+        a.freed = [torch.cuda.Event() for _ in range(self.slots)]
         count = STAGING_BUFFERS if any(s.tier != "pinned" for s in self._streamed) else 0
         chunk = partial(torch.empty, STAGING_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True)
-        self._ring = [chunk() for _ in range(count)]
-        self._ring_free = [torch.cuda.Event() for _ in range(count)]
-        self._ring_next = 0
-        self.staging_bytes = count * STAGING_CHUNK_BYTES
+        a.ring = [chunk() for _ in range(count)]
+        a.ring_free = [torch.cuda.Event() for _ in range(count)]
 
     def detach(self) -> None:
-        """Wait for the copies in flight, remove the hooks and free the slots; with ``keep_host``
-        resident tensors go back to their host copies and their device buffers are freed.
+        """Wait for the copies in flight, remove the hooks and drop the attachment (slots, loader, events);
+        with ``keep_host`` resident tensors go back to their host copies and their device buffers are freed.
 
         Without ``keep_host`` the host copies are unpinned too, as ``close`` does.
         """
-        if not self._attached:
+        a = self._attachment
+        if a is None:
             return
-        for hook in self._hooks:
+        for hook in a.hooks:
             hook.remove()
         if self._streamed:
             self.wait_for_loads()
             self._release_active()
-            self._loader.shutdown()
-            self._queue.clear()
-            self._slots = []
-            for s in self._streamed:
-                s.slot_views = []
-            self.copy_stream = None
-            if self._cuda:
-                del self._copied, self._freed, self._ring, self._ring_free
+            a.loader.shutdown()
         for packed in self._resident:
             packed.layout.point(packed.host_views)
-        self._uploaded = []
-        self._attached = False
-        if not self.keep_host:
+        self._attachment = None
+        if not self.settings.keep_host:
             self._release_host()
 
     def close(self) -> None:
@@ -324,23 +346,26 @@ class StreamingEngine:
 
     def wait_for_loads(self) -> None:
         """Block until every load issued so far has landed in its slot."""
-        for _, _, copy in self._queue:
+        a = self._attachment
+        if a is None:
+            return
+        for _, _, copy in a.queue:
             copy.result()
-        if self.copy_stream is not None:
-            self.copy_stream.synchronize()
+        if a.copy_stream is not None:
+            a.copy_stream.synchronize()
 
     # ----- scheduling (compute thread)
 
     def _before(self, position: int, module: nn.Module, args: object) -> None:
-        if not self._queue or self._queue[0][0] != position:
+        a = self._attachment
+        if not a.queue or a.queue[0][0] != position:
             self._restart(position)
-        _, slot, copy = self._queue.popleft()
+        _, slot, copy = a.queue.popleft()
         copy.result()
         if self._cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._copied[slot])
-        s = self._streamed[position]
-        s.layout.point(s.slot_views[slot])
-        self._active = (position, slot)
+            torch.cuda.current_stream(self.device).wait_event(a.copied[slot])
+        self._streamed[position].layout.point(a.slot_views[position][slot])
+        a.active = (position, slot)
         self._record("run", position, slot)
 
     def _after(self, position: int, module: nn.Module, args: object, output: object) -> None:
@@ -349,30 +374,32 @@ class StreamingEngine:
 
     def _release_active(self) -> None:
         """Point the running block back at its host copy and mark its slot free once it has computed."""
-        if self._active is None:
+        a = self._attachment
+        if a.active is None:
             return
-        position, slot = self._active
+        position, slot = a.active
         if self._cuda:
-            self._freed[slot].record(torch.cuda.current_stream(self.device))
+            a.freed[slot].record(torch.cuda.current_stream(self.device))
         s = self._streamed[position]
         s.layout.point(s.host_views)
-        self._active = None
+        a.active = None
 
     def _fill(self) -> None:
         """Issue loads until every slot holds, or is receiving, a block yet to run."""
-        while len(self._queue) < self.slots:
-            position, slot = self._next_position, self._next_slot
-            self._queue.append((position, slot, self._loader.submit(self._copy, position, slot)))
-            self._next_position = (position + 1) % len(self._streamed)
-            self._next_slot = (slot + 1) % self.slots
+        a = self._attachment
+        while len(a.queue) < self.slots:
+            position, slot = a.next_position, a.next_slot
+            a.queue.append((position, slot, a.loader.submit(self._copy, a, position, slot)))
+            a.next_position = (position + 1) % len(self._streamed)
+            a.next_slot = (slot + 1) % self.slots
             self.bytes_streamed += self._streamed[position].layout.nbytes
             self._record("load", position, slot)
 
     def _restart(self, position: int) -> None:
         self.wait_for_loads()
         self._release_active()
-        self._queue.clear()
-        self._next_position = position
+        self._attachment.queue.clear()
+        self._attachment.next_position = position
         self._fill()
 
     def _record(self, action: str, position: int, slot: int) -> None:
@@ -382,41 +409,42 @@ class StreamingEngine:
     # ----- copying (loader thread)
 
     @torch.inference_mode()  # the engine serves inference; slots made under inference mode need it here too
-    def _copy(self, position: int, slot: int) -> None:
+    def _copy(self, a: _Attachment, position: int, slot: int) -> None:
         s = self._streamed[position]
-        target = self._slots[slot][: s.layout.nbytes]
+        target = a.slots[slot][: s.layout.nbytes]
         if self._cuda:
-            timing = self._copy_to_device(s, target, slot)
+            timing = self._copy_to_device(a, s, target, slot)
         else:
             start = time.perf_counter()
             target.copy_(s.host)
             timing = time.perf_counter() - start
-        if self.measure:
+        if self.settings.measure:
             self._timings.append((s.index, s.layout.nbytes, timing))
 
-    def _copy_to_device(self, s: _Streamed, target: Tensor, slot: int) -> tuple[object, object]:
+    def _copy_to_device(self, a: _Attachment, s: _Streamed, target: Tensor, slot: int) -> tuple[object, object]:
         """Issue the copy on the side stream once the slot is free; timing events with ``measure``."""
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self._freed[slot])
-            start = _timing_event(self.copy_stream) if self.measure else None
+        measure = self.settings.measure
+        with torch.cuda.stream(a.copy_stream):
+            a.copy_stream.wait_event(a.freed[slot])
+            start = _timing_event(a.copy_stream) if measure else None
             if s.tier == "pinned":
                 target.copy_(s.host, non_blocking=True)
             else:
-                self._stage(s.host, target)
-            end = _timing_event(self.copy_stream) if self.measure else None
-            self._copied[slot].record(self.copy_stream)
+                self._stage(a, s.host, target)
+            end = _timing_event(a.copy_stream) if measure else None
+            a.copied[slot].record(a.copy_stream)
         return start, end
 
-    def _stage(self, source: Tensor, target: Tensor) -> None:
+    def _stage(self, a: _Attachment, source: Tensor, target: Tensor) -> None:
         """Copy pageable ``source`` to the device through the pinned ring, piece by piece."""
         for begin in range(0, source.numel(), STAGING_CHUNK_BYTES):
-            index = self._ring_next
-            self._ring_next = (index + 1) % len(self._ring)
-            self._ring_free[index].synchronize()  # the ring buffer's previous piece has left
-            piece = self._ring[index][: min(STAGING_CHUNK_BYTES, source.numel() - begin)]
+            index = a.ring_next
+            a.ring_next = (index + 1) % len(a.ring)
+            a.ring_free[index].synchronize()  # the ring buffer's previous piece has left
+            piece = a.ring[index][: min(STAGING_CHUNK_BYTES, source.numel() - begin)]
             piece.copy_(source[begin : begin + piece.numel()])
             target[begin : begin + piece.numel()].copy_(piece, non_blocking=True)
-            self._ring_free[index].record(self.copy_stream)
+            a.ring_free[index].record(a.copy_stream)
 
 
 def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:

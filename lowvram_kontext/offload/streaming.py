@@ -1,54 +1,42 @@
-"""Hang a streaming engine on a whole model: its blocks stream, everything else moves to the device."""
+"""Hang a streaming engine on a whole model: its blocks stream, everything else moves to the device.
+
+The engine knows nothing about particular models: a model says which of its modules are blocks by
+providing ``streamable_blocks()``, the list of its repeated blocks in the order its forward runs them.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ..errors import KontextError
-from ..models.flux import FluxTransformer
-from ..models.t5 import T5Encoder
-from .engine import StreamingEngine
+from .engine import StreamingEngine, StreamSettings
 from .tensors import check_materialized
 
 
+@runtime_checkable
+class BlockModel(Protocol):
+    """A model whose blocks can stream: ``streamable_blocks()`` lists them in run order."""
+
+    def streamable_blocks(self) -> list[nn.Module]: ...
+
+
 def model_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of ``model`` in run order.
-
-    A ``FluxTransformer`` runs ``double_blocks`` then ``single_blocks``; a ``T5Encoder`` runs
-    ``encoder.block``. Any other model is a KontextError.
-    """
-    if isinstance(model, FluxTransformer):
-        return [*model.double_blocks, *model.single_blocks]
-    if isinstance(model, T5Encoder):
-        return list(model.encoder.block)
-    raise KontextError(f"streaming: no block list known for a {type(model).__name__}")
+    """The blocks of ``model`` in run order, as its ``streamable_blocks()`` gives them."""
+    if not isinstance(model, BlockModel):
+        raise KontextError(
+            f"streaming: no block list known for a {type(model).__name__} (it has no streamable_blocks method)"
+        )
+    return model.streamable_blocks()
 
 
-def stream_model(
-    model: nn.Module,
-    device: torch.device | str,
-    resident: int,
-    prefetch: int = 1,
-    host: str = "pinned",
-    pinned_cap_bytes: int | None = None,
-    cache_dir: Path | None = None,
-    measure: bool = False,
-    trace: bool = False,
-    keep_host: bool = False,
-) -> StreamingEngine:
-    """Attach an engine to ``model``'s blocks; its tensors outside the blocks go to ``device`` whole.
-
-    The arguments after ``model`` are those of ``StreamingEngine``; returns the attached engine.
-    """
+def stream_model(model: nn.Module, device: torch.device | str, settings: StreamSettings) -> StreamingEngine:
+    """Attach an engine with ``settings`` to ``model``'s blocks; its tensors outside the blocks go to
+    ``device`` whole. Returns the attached engine."""
     check_materialized(model, type(model).__name__)
     blocks = model_blocks(model)
     inside = {id(module) for block in blocks for module in block.modules()}
     outside = [module for module in model.modules() if id(module) not in inside]
-    engine = StreamingEngine(
-        blocks, device, resident, prefetch, host, pinned_cap_bytes, cache_dir,
-        measure=measure, trace=trace, outside=outside, keep_host=keep_host,
-    )  # fmt: skip
-    return engine.attach()
+    return StreamingEngine(blocks, device, settings, outside=outside).attach()
