@@ -1,14 +1,14 @@
-"""The stages of one Kontext edit, in order, each loading what it needs and freeing what it no longer does.
+"""The stages of one Kontext edit, in order: the sampling loop and what feeds it.
 
-tokenize -> CLIP and T5 (freed after) -> VAE encode of the condition image -> transformer sampling
--> VAE decode. Components are loaded from whatever files the user has (see ``weights.loading``).
-A pipeline that keeps its weights for successive edits frees nothing: it parks a component in host
-memory only when a later stage's planned peak needs its room on the device.
+tokenize -> CLIP and T5 -> VAE encode of the condition image -> transformer sampling -> VAE decode.
+Each stage takes its component from ``Components`` (see ``components``: loading, the device, parking,
+streaming engines, the dequantization scratch) and hands it back when done. A stage is a method here
+that runs between ``components.acquire(name, stage)`` and ``components.done_with(name)`` inside
+``self._stage(stage)`` (its time and device peak), with its planned peak in the plan under the same name.
 """
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,30 +17,21 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch import nn
 
 from . import images, sampling
+from .components import Components
 from .errors import KontextError
-from .offload import StreamingEngine, StreamSettings, stream_model, trim_heap
-from .planner import Plan, StagePlan
+from .models.autoencoder import AutoEncoderConfig
+from .planner import Plan
 from .progress import Progress
 from .prompt_cache import PromptCache, encoder_identity
 from .prompt_cache import key as cache_key
 from .tokenizers import load_tokenizers
 from .vae_tiling import decode_tiled, encode_tiled
-from .weights.loading import COMPONENTS, load_component, open_component
+from .weights.loading import COMPONENTS, open_component
 
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 2.5
-BLOCK_COMPONENTS = ("transformer", "t5")  # what a plan stores in its own format and may stream
-# The components each stage's planned peak counts (the transformer stage keeps the VAE loaded).
-STAGE_COMPONENTS = {
-    "clip": ("clip",),
-    "t5": ("t5",),
-    "vae_encode": ("vae",),
-    "transformer": ("transformer", "vae"),
-    "vae_decode": ("vae",),
-}
 DECODE_OVERLAP = 8  # latent pixels shared by neighbouring VAE tiles (at most a quarter of a tile)
 ENCODE_OVERLAP = 64  # image pixels, likewise
 
@@ -100,9 +91,7 @@ class ModelPaths:
             if name not in paths:
                 raise KontextError(f"no {component.label} given: pass --model DIR or --{name} FILE")
         if tokenizers is None and model is None:
-            raise KontextError(
-                "no tokenizers given: pass --tokenizers DIR (with tokenizer/ and tokenizer_2/)"
-            )
+            raise KontextError("no tokenizers given: pass --tokenizers DIR (with tokenizer/ and tokenizer_2/)")
         return cls(tokenizers=Path(tokenizers if tokenizers is not None else model), **paths)
 
 
@@ -126,23 +115,13 @@ class PipelineStats:
     h2d_gbps: float | None = None  # achieved by the transformer's block copies
 
 
-def free(*modules: nn.Module) -> None:
-    """Drop what a finished stage held on the device."""
-    for module in modules:
-        module.to("meta")
-    gc.collect()
-    trim_heap()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 class KontextPipeline:
-    """Loads components on demand from ``paths`` and runs edits with them.
+    """Runs edits with the components read from ``paths``.
 
     Without a plan every component is loaded whole onto ``device`` (weights the file holds
     compressed stay compressed). With a plan (see ``planner``) each component is held and streamed as
@@ -165,36 +144,45 @@ class KontextPipeline:
 
         With ``keep_weights`` every component stays loaded between edits: what a stage no longer
         needs on the device goes back to host memory instead of being dropped, so the next edit
-        reads nothing from disk (successive edits, sessions, batches). Under a plan a component then
+        reads nothing from disk (successive edits, sessions, batches); under a plan a component
         stays on the device after its stage until a later stage's planned peak needs its room (see
-        ``_make_room``), and the transformer and T5 keep packed (pinned, within the profile's cap)
-        host copies of all their blocks: giving back their device memory copies nothing, and taking
-        it again is one upload per block. Without it the text encoders and, under a plan, the
-        transformer are dropped once used, which keeps host memory lowest.
+        ``Components``). Without it the text encoders and, under a plan, the transformer are dropped
+        once used, which keeps host memory lowest.
         With a ``prompt_cache`` a prompt seen before with the same text encoders skips them entirely.
         """
         self.paths = paths
         self.device = torch.device(device)
         self.dtype = dtype
         self.progress = progress or Progress(quiet=True)
-        self.plan = plan
         self.replan = replan
-        self.cache_dir = cache_dir
         self.keep_weights = keep_weights
         self.prompt_cache = prompt_cache
         self._encoder_identity: str | None = None
         self.stats = PipelineStats()
         self._tokenizers = load_tokenizers(paths.tokenizers)
-        self._vae_config = open_component(COMPONENTS["vae"], paths.vae)[0]
-        self._held: dict[str, nn.Module] = {}  # loaded components, on the device or parked on the host
-        self._engines: dict[str, StreamingEngine] = {}  # of components on the device, or parked with keep_weights
-        self._on_device: set[str] = set()  # components whose weights are on the device now
+        self._vae_config = vae_config(paths.vae)
+        files = {name: getattr(paths, name) for name in COMPONENTS}
+        self.components = Components(
+            files, self.device, dtype, self.progress, plan, keep_weights, cache_dir, on_load=self._loaded
+        )
+
+    @property
+    def plan(self) -> Plan | None:
+        """The memory plan the edits run under (a smaller one after running out of memory); None: all whole."""
+        return self.components.plan
+
+    @property
+    def on_device(self) -> list[str]:
+        """The components whose weights are on the device now (kept there between stages or edits)."""
+        return self.components.on_device
+
+    def _loaded(self, name: str, seconds: float) -> None:
+        self.stats.load_seconds[name] = seconds
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
         """Run a stage: its time and its device peak go to ``stats`` and the progress line."""
-        kept = [n for n in self._on_device if n not in STAGE_COMPONENTS[name]]
-        self.stats.stage_kept_bytes[name] = sum(map(self._device_bytes, kept))
+        self.stats.stage_kept_bytes[name] = self.components.kept_bytes(name)
         _synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -205,106 +193,6 @@ class KontextPipeline:
         self.stats.stage_seconds[name] = time.perf_counter() - start
         if self.device.type == "cuda":
             self.stats.stage_peak_bytes[name] = torch.cuda.max_memory_allocated(self.device)
-
-    def _load(self, name: str, storage: str | None = "file", device: torch.device | None = None) -> nn.Module:
-        start = time.perf_counter()
-        with self.progress.stage(f"load {COMPONENTS[name].label}"):
-            model = load_component(name, getattr(self.paths, name), self.dtype, device or self.device, storage)
-        self.stats.load_seconds[name] = time.perf_counter() - start
-        return model
-
-    def _planned(self, name: str) -> StagePlan | None:
-        """The plan's stage for the transformer or T5 (whose format and streaming it decides), else None."""
-        return self.plan.stage(name) if self.plan is not None and name in BLOCK_COMPONENTS else None
-
-    @property
-    def on_device(self) -> list[str]:
-        """The components whose weights are on the device now (kept there between stages or edits)."""
-        return sorted(self._on_device)
-
-    def _acquire(self, name: str, stage: str) -> nn.Module:
-        """The component ready to run ``stage`` on the device: loaded once (in the plan's format), then kept.
-
-        Under a plan a component with blocks gets a streaming engine when the plan streams some of
-        its blocks, or with ``keep_weights`` (so that parking it is free); any other component sits
-        on the device whole.
-        """
-        self._make_room(stage)
-        self._on_device.add(name)
-        planned = self._planned(name)
-        engine = self._engines.get(name)
-        if engine is not None:
-            if not engine.attached:
-                engine.attach()
-            return self._held[name]
-        use_engine = planned is not None and (planned.streamed_blocks > 0 or self.keep_weights)
-        model = self._held.get(name)
-        if model is None:
-            storage = planned.format if planned is not None else "file"
-            model = self._load(name, storage, device=torch.device("cpu") if use_engine else self.device)
-            self._held[name] = model
-        if not use_engine:
-            return model.to(self.device)
-        settings = self.plan.profile.transformer if name == "transformer" else self.plan.profile.t5
-        pinned_elsewhere = sum(e.pinned_bytes for e in self._engines.values())
-        stream = StreamSettings(
-            resident=planned.resident_blocks,
-            prefetch=planned.prefetch,
-            host=settings.host,
-            pinned_cap_bytes=max(self.plan.profile.pinned_cap_bytes - pinned_elsewhere, 0),
-            cache_dir=self.cache_dir,
-            measure=self.device.type == "cuda",
-            keep_host=self.keep_weights,
-        )
-        self._engines[name] = stream_model(model, self.device, stream)
-        return model
-
-    def _make_room(self, stage: str) -> None:
-        """Park components the plan did not count in ``stage``, largest first, while its planned peak
-        plus what they hold on the device would pass the budget."""
-        if self.plan is None:
-            return
-        others = {n: self._device_bytes(n) for n in self._on_device if n not in STAGE_COMPONENTS[stage]}
-        needed = self.plan.stage(stage).peak_bytes + sum(others.values())
-        for name in sorted(others, key=others.__getitem__, reverse=True):
-            if needed <= self.plan.budget_bytes:
-                break
-            self._park(name)
-            needed -= others[name]
-
-    def _device_bytes(self, name: str) -> int:
-        """What component ``name`` (on the device) holds there: its engine's share, else all its tensors."""
-        engine = self._engines.get(name)
-        if engine is not None:
-            return engine.device_bytes()
-        model = self._held[name]
-        return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-    def _done_with(self, name: str) -> None:
-        """A stage has finished with ``name``. With ``keep_weights`` under a plan it stays on the device
-        until a stage needs the room; otherwise it gives back its memory now."""
-        if self.plan is None or not self.keep_weights:
-            self._park(name)
-
-    def _park(self, name: str) -> None:
-        """Give back the device memory of a component: to host memory with ``keep_weights``, else dropped."""
-        model = self._held.get(name)
-        if model is None:
-            return
-        self._on_device.discard(name)
-        engine = self._engines.get(name)
-        if self.keep_weights:
-            # The allocator keeps the freed blocks for the next stage (and gives them back itself
-            # should an allocation not fit): emptying its cache would only map them again.
-            if engine is not None:
-                engine.detach()  # its tensors view their host copies again
-            else:
-                model.to("cpu")
-        else:
-            if engine is not None:
-                self._engines.pop(name).close()
-            del self._held[name]
-            free(model)
 
     def _vae_tile(self, stage: str) -> int | None:
         """The plan's VAE tile side for ``stage`` in image pixels; None to run whole."""
@@ -322,14 +210,14 @@ class KontextPipeline:
                 txt, vec = (t.to(self.device, self.dtype) for t in cached)
                 return PromptEmbedding(txt=txt, vec=vec)
         clip_tokens, t5_tokens = (t.as_tensor(prompt).to(self.device) for t in self._tokenizers)
-        clip = self._acquire("clip", "clip")
+        clip = self.components.acquire("clip", "clip")
         with self._stage("clip"):
             vec = clip(clip_tokens)
-        self._done_with("clip")
-        t5 = self._acquire("t5", "t5")
+        self.components.done_with("clip")
+        t5 = self.components.acquire("t5", "t5")
         with self._stage("t5"):
             txt = t5(t5_tokens)
-        self._done_with("t5")
+        self.components.done_with("t5")
         if cache_key is not None and not self.prompt_cache.put(cache_key, txt.cpu(), vec.cpu(), prompt=prompt):
             self.progress.say(f"prompt embedding: could not write the cache in {self.prompt_cache.folder}")
         return PromptEmbedding(txt=txt, vec=vec)
@@ -344,26 +232,19 @@ class KontextPipeline:
         return cache_key(prompt, self._encoder_identity, self.dtype)
 
     def output_size(self, image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
-        """The (width, height) to edit at: the user's, rounded to the model's grid, else the preferred one."""
-        grid = self.vae_grid
-        if width is None and height is None:
-            return sampling.preferred_resolution(*image.size)
-        width = width or round(height * image.width / image.height)  # type: ignore[operator]
-        height = height or round(width * image.height / image.width)
-        if width < grid or height < grid:
-            raise KontextError(f"--width/--height must be at least {grid} pixels")
-        return width // grid * grid, height // grid * grid
+        """The (width, height) to edit ``image`` at (see ``output_size``)."""
+        return output_size(image, width, height, self.vae_grid)
 
     @property
     def vae_grid(self) -> int:
-        """Image sides must be multiples of this: VAE downsampling times the 2x2 packing."""
-        return self._vae_config.downsample_factor * sampling.PACK
+        """Image sides must be multiples of this (see ``vae_grid``)."""
+        return vae_grid(self._vae_config)
 
     @torch.inference_mode()
     def encode_condition(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """The condition image, resized and VAE-encoded, as packed tokens."""
         pixels = images.to_tensor(images.resize(image, width, height)).to(self.device, self.dtype)
-        vae = self._acquire("vae", "vae_encode")
+        vae = self.components.acquire("vae", "vae_encode")
         tile = self._vae_tile("vae_encode")
         with self._stage("vae_encode"):
             if tile is None:
@@ -392,8 +273,8 @@ class KontextPipeline:
         txt_ids = torch.zeros(1, prompt.txt.shape[1], 3, device=self.device, dtype=self.dtype)
         guidance_vec = torch.full((1,), guidance, device=self.device, dtype=self.dtype)
         n_target = target.shape[1]
-        transformer = self._acquire("transformer", "transformer")
-        engine = self._engines.get("transformer")
+        transformer = self.components.acquire("transformer", "transformer")
+        engine = self.components.engine("transformer")
         streamed_before = engine.bytes_streamed if engine is not None else 0
         copies_before = len(engine.copy_times()) if engine is not None else 0
 
@@ -426,9 +307,9 @@ class KontextPipeline:
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> Image.Image:
-        if self.plan is not None:
-            self._done_with("transformer")  # the plan gives the decoder the memory the transformer held
-        vae = self._acquire("vae", "vae_decode")
+        # The plan gives the decoder the memory the transformer held; without one everything stays whole.
+        self.components.done_with("transformer", stay=self.plan is None)
+        vae = self.components.acquire("vae", "vae_decode")
         tile = self._vae_tile("vae_decode")
         with self._stage("vae_decode"):
             z = latent.to(self.device, self.dtype)
@@ -441,12 +322,7 @@ class KontextPipeline:
 
     def release(self) -> None:
         """Free everything the pipeline holds, on the device and on the host."""
-        for engine in self._engines.values():
-            engine.close()
-        self._engines.clear()
-        free(*self._held.values())
-        self._held.clear()
-        self._on_device.clear()
+        self.components.release()
 
     def edit(
         self,
@@ -458,7 +334,7 @@ class KontextPipeline:
         width: int | None = None,
         height: int | None = None,
     ) -> Image.Image:
-        """One whole edit of ``image`` following ``prompt``.
+        """One whole edit of ``image`` following ``prompt``; ``stats`` then describe this edit.
 
         Running out of GPU memory in any stage frees everything and retries the edit once with the
         next smaller plan (the profile predicted to need less memory) instead of failing.
@@ -466,24 +342,26 @@ class KontextPipeline:
         if steps < 1:
             raise KontextError(f"--steps must be at least 1 (got {steps})")
         width, height = self.output_size(image, width, height)
-        try:
-            return self._edit(image, prompt, steps, guidance, seed, width, height)
-        except torch.OutOfMemoryError:
-            self.release()
-            failed = self.plan.profile.name if self.plan is not None else "everything resident"
-            smaller = self._smaller_plan()
-            if smaller is None:
-                raise KontextError(
-                    f"out of GPU memory ({failed}) and no smaller plan to fall back to: "
-                    "try --vram-budget with a smaller size or a smaller --profile"
-                ) from None
-        self.progress.say(f"out of GPU memory with profile {failed}: retrying once with {smaller.profile.name}")
-        self.plan = smaller
-        try:
-            return self._edit(image, prompt, steps, guidance, seed, width, height)
-        except torch.OutOfMemoryError:
-            self.release()
-            raise KontextError(f"out of GPU memory again with profile {smaller.profile.name}") from None
+        retried = False
+        while True:
+            self.stats = PipelineStats()
+            try:
+                return self._edit(image, prompt, steps, guidance, seed, width, height)
+            except torch.OutOfMemoryError as exc:
+                self.components.release()
+                failed = self.plan.profile.name if self.plan is not None else "everything resident"
+                if retried:
+                    raise KontextError(f"out of GPU memory again with profile {failed}") from None
+                smaller = self._smaller_plan()
+                if smaller is None:
+                    detail = str(exc).split("\n")[0]
+                    raise KontextError(
+                        f"out of GPU memory ({failed}: {detail}) and no smaller plan to fall back to: "
+                        "try --vram-budget with a smaller size or a smaller --profile"
+                    ) from None
+            self.progress.say(f"out of GPU memory with profile {failed}: retrying once with {smaller.profile.name}")
+            self.components.plan = smaller
+            retried = True
 
     def _smaller_plan(self) -> Plan | None:
         """The plan of the profile predicted to need the most memory below the current plan's peak."""
@@ -511,6 +389,28 @@ class KontextPipeline:
         process holds only the components kept on the device (a session may wait long for its next line)."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def vae_config(path: Path) -> AutoEncoderConfig:
+    """The configuration of the VAE at ``path``, read without loading its weights."""
+    return open_component(COMPONENTS["vae"], path)[0]
+
+
+def vae_grid(config: AutoEncoderConfig) -> int:
+    """Image sides must be multiples of this: VAE downsampling times the 2x2 packing."""
+    return config.downsample_factor * sampling.PACK
+
+
+def output_size(image: Image.Image, width: int | None, height: int | None, grid: int) -> tuple[int, int]:
+    """The (width, height) to edit at: the user's, rounded down to multiples of ``grid``, else the
+    preferred Kontext resolution for ``image``'s aspect ratio."""
+    if width is None and height is None:
+        return sampling.preferred_resolution(*image.size)
+    width = width or round(height * image.width / image.height)  # type: ignore[operator]
+    height = height or round(width * image.height / image.width)
+    if width < grid or height < grid:
+        raise KontextError(f"--width/--height must be at least {grid} pixels")
+    return width // grid * grid, height // grid * grid
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

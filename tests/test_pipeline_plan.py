@@ -1,6 +1,8 @@
 """The pipeline driven by a plan: streaming equals resident, stages free their models, VAE tiles, OOM retry."""
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,12 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lowvram_kontext import pipeline as pipeline_module
+from lowvram_kontext import components as components_module
 from lowvram_kontext.demo import demo_image
 from lowvram_kontext.errors import KontextError
 from lowvram_kontext.hardware import Machine
 from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
 from lowvram_kontext.planner import ModelSizes, Plan, Streaming, load_profiles, plan
+from lowvram_kontext.progress import Progress
+from lowvram_kontext.weights.compressed_linear import ScratchPool
 
 SIZE = 48
 GIB = 2**30
@@ -24,9 +28,11 @@ def _paths(root: Path) -> ModelPaths:
     return ModelPaths.resolve(model=root / "diffusers")
 
 
-def _plan(root: Path, *, resident: int | str, tile: int | str = "never", name: str = "streamed") -> tuple[Plan, dict]:
+def _plan(
+    root: Path, *, resident: int | str, tile: int | str = "never", name: str = "streamed", fmt: str = "file"
+) -> tuple[Plan, dict]:
     profiles = load_profiles()
-    streamed = Streaming(format="file", resident_blocks=resident, prefetch=1, host="pageable")
+    streamed = Streaming(format=fmt, resident_blocks=resident, prefetch=1, host="pageable")
     profiles[name] = replace(profiles["8gb"], name=name, transformer=streamed, t5=streamed, vae_tile=tile)
     paths = _paths(root)
     sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
@@ -38,13 +44,13 @@ def _plan(root: Path, *, resident: int | str, tile: int | str = "never", name: s
 def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The components the pipeline reads from disk, in order."""
     names: list[str] = []
-    real_load = pipeline_module.load_component
+    real_load = components_module.load_component
 
     def counting_load(name, *args, **kwargs):  # noqa: ANN001, ANN202
         names.append(name)
         return real_load(name, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "load_component", counting_load)
+    monkeypatch.setattr(components_module, "load_component", counting_load)
     return names
 
 
@@ -68,14 +74,14 @@ def test_streamed_plan_gives_the_resident_image_bit_for_bit(tiny_root: Path) -> 
 
 def test_text_encoders_and_transformer_are_freed_after_their_stages(tiny_root: Path, monkeypatch) -> None:  # noqa: ANN001
     loaded: dict[str, weakref.ref] = {}
-    real_load = pipeline_module.load_component
+    real_load = components_module.load_component
 
     def tracking_load(name, *args, **kwargs):  # noqa: ANN001, ANN202
         model = real_load(name, *args, **kwargs)
         loaded[name] = weakref.ref(model)
         return model
 
-    monkeypatch.setattr(pipeline_module, "load_component", tracking_load)
+    monkeypatch.setattr(components_module, "load_component", tracking_load)
     pipe = KontextPipeline(_paths(tiny_root), plan=_plan(tiny_root, resident=1)[0])
     pipe.encode_prompt("a red hat")
     for name in ("clip", "t5"):
@@ -84,20 +90,20 @@ def test_text_encoders_and_transformer_are_freed_after_their_stages(tiny_root: P
     _edit(pipe)
     transformer = loaded["transformer"]()
     assert transformer is None or all(p.is_meta for p in transformer.parameters())
-    assert "transformer" not in pipe._held  # the plan gives the decoder the transformer's memory
+    assert "transformer" not in pipe.components.loaded  # the plan gives the decoder the transformer's memory
 
 
 def test_kept_weights_are_read_from_disk_once_over_several_edits(
     tiny_root: Path, loads: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engines: list[str] = []
-    real_stream_model = pipeline_module.stream_model
+    real_stream_model = components_module.stream_model
 
     def counting_stream_model(model, device, settings):  # noqa: ANN001, ANN202
         engines.append(f"{type(model).__name__}, keep_host={settings.keep_host}")
         return real_stream_model(model, device, settings)
 
-    monkeypatch.setattr(pipeline_module, "stream_model", counting_stream_model)
+    monkeypatch.setattr(components_module, "stream_model", counting_stream_model)
     streamed_plan, _ = _plan(tiny_root, resident=1)
     pipe = KontextPipeline(_paths(tiny_root), plan=streamed_plan, keep_weights=True)
     images = [_edit(pipe, seed) for seed in (1, 2, 3)]
@@ -125,6 +131,54 @@ def test_kept_components_stay_on_the_device_until_a_stage_needs_the_room(tiny_ro
     assert tight.on_device == ["vae"]  # the decode took the transformer's
     assert set(tight.stats.stage_kept_bytes.values()) == {0}
     assert np.array_equal(_edit(KontextPipeline(_paths(tiny_root), plan=roomy)), first)
+
+
+class _ScratchWatch(Progress):
+    """Notes the dequantization scratch a pipeline holds as each stage starts and after each sampling step;
+    with ``interrupt_at`` a step is interrupted as Ctrl-C would."""
+
+    def __init__(self, interrupt_at: int | None = None) -> None:
+        super().__init__(quiet=True)
+        self.pool = ScratchPool()
+        self.interrupt_at = interrupt_at
+        self.at_start: list[tuple[str, int]] = []
+        self.in_steps: list[int] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.at_start.append((name, self.pool.nbytes))
+        with super().stage(name):
+            yield
+
+    def step(self, done: int, total: int, seconds: float) -> None:
+        self.in_steps.append(self.pool.nbytes)
+        if done == self.interrupt_at:
+            raise KeyboardInterrupt
+
+
+def test_dequantization_scratch_does_not_outlive_its_stages(tiny_root: Path) -> None:
+    """The scratch compressed layers dequantize into is not in the VAE stages' plan: it must be gone
+    before the decode, between edits and after a release, even with every weight kept on the device."""
+    compressed, _ = _plan(tiny_root, resident=1, fmt="int8")
+    watch = _ScratchWatch()
+    pipe = KontextPipeline(_paths(tiny_root), progress=watch, plan=compressed, keep_weights=True)
+    watch.pool = pipe.components.pool
+    first = _edit(pipe)
+    assert watch.in_steps and all(watch.in_steps)  # sampling dequantizes into it
+    assert pipe.on_device == ["clip", "t5", "transformer", "vae"]  # the weights stay; their scratch does not
+    assert dict(watch.at_start)["vae_decode"] == 0 and pipe.components.pool.nbytes == 0
+    watch.at_start.clear()
+    assert np.array_equal(_edit(pipe), first)
+    assert [stage for stage, held in watch.at_start if held] == []  # nothing carried into the next edit
+
+    interrupted = _ScratchWatch(interrupt_at=1)
+    pipe = KontextPipeline(_paths(tiny_root), progress=interrupted, plan=compressed)
+    interrupted.pool = pipe.components.pool
+    with pytest.raises(KeyboardInterrupt):
+        _edit(pipe)
+    assert pipe.components.pool.nbytes > 0  # Ctrl-C in the middle of sampling
+    pipe.release()
+    assert pipe.components.pool.nbytes == 0 and pipe.components.loaded == []
 
 
 def test_tiled_vae_plan_runs_and_stays_close_to_untiled(tiny_root: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,7 +14,17 @@ from .. import demo, images, workflow
 from ..errors import KontextError
 from ..hardware import cap_allocator, parse_size
 from ..paths import cache_dir
-from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, KontextPipeline, default_dtype, resolve_device
+from ..pipeline import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    KontextPipeline,
+    ModelPaths,
+    default_dtype,
+    output_size,
+    resolve_device,
+    vae_config,
+    vae_grid,
+)
 from ..planner import ModelSizes, Plan, load_profiles, plan
 from ..progress import Progress
 from ..prompt_cache import PromptCache
@@ -80,31 +91,27 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _apply_plan(args: argparse.Namespace, pipeline: KontextPipeline, width: int, height: int) -> None:
-    """Plan memory for a GPU (or for --vram-budget) and cap the allocator to the budget; a CPU runs whole."""
-    on_gpu = pipeline.device.type == "cuda"
-    machine = planning_machine(args, pipeline.paths.transformer) if on_gpu or args.vram_budget else None
+def _plan(
+    args: argparse.Namespace, paths: ModelPaths, device: torch.device, keep_weights: bool, width: int, height: int
+) -> tuple[Plan | None, Callable[[str], Plan] | None]:
+    """The memory plan for a GPU (or for --vram-budget) and how to plan another profile; the allocator
+    is capped to the budget. A CPU runs whole: (None, None)."""
+    on_gpu = device.type == "cuda"
+    machine = planning_machine(args, paths.transformer) if on_gpu or args.vram_budget else None
     if machine is None:
         if args.profile is not None:
             raise KontextError("--profile needs a CUDA GPU or --vram-budget SIZE")
-        return
+        return None, None
     if args.vram_budget is not None and on_gpu:
-        cap_allocator(pipeline.device, parse_size(args.vram_budget))
+        cap_allocator(device, parse_size(args.vram_budget))
     profiles = load_profiles()
     name = chosen_profile(args, profiles)
-    p = pipeline.paths
-    sizes = ModelSizes.from_files(transformer=p.transformer, t5=p.t5, clip=p.clip, vae=p.vae)
+    sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
 
     def replan(profile_name: str | None) -> Plan:
-        return plan(machine, profiles, width, height, sizes, profile_name, keep_weights=pipeline.keep_weights)
+        return plan(machine, profiles, width, height, sizes, profile_name, keep_weights=keep_weights)
 
-    pipeline.plan, pipeline.replan = replan(name), replan
-    chosen = pipeline.plan
-    pipeline.progress.say(
-        f"profile {chosen.profile.name}: predicted peak {chosen.peak_bytes / 2**30:.2f} GiB, "
-        f"{chosen.seconds_per_step:.2f} s/step"
-    )
-    pipeline.progress.detail(chosen.explain())
+    return replan(name), replan
 
 
 def start(args: argparse.Namespace) -> workflow.OutputFilter | None:
@@ -125,16 +132,25 @@ def open_pipeline(
     dtype = _dtype(args.dtype, device)
     paths = model_paths(args)
     cache = None if args.no_prompt_cache else PromptCache(args.prompt_cache)
+    size = output_size(image, args.width, args.height, vae_grid(vae_config(paths.vae)))
+    chosen, replan = _plan(args, paths, device, several, *size)
+    if chosen is not None:
+        progress.say(
+            f"profile {chosen.profile.name}: predicted peak {chosen.peak_bytes / 2**30:.2f} GiB, "
+            f"{chosen.seconds_per_step:.2f} s/step"
+        )
+        progress.detail(chosen.explain())
     pipeline = KontextPipeline(
         paths,
         device=device,
         dtype=dtype,
         progress=progress,
+        plan=chosen,
         cache_dir=cache_dir(),
+        replan=replan,
         keep_weights=several,
         prompt_cache=cache,
     )
-    _apply_plan(args, pipeline, *pipeline.output_size(image, args.width, args.height))
     progress.say(workflow.NOTICE)
     return pipeline
 

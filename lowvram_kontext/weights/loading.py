@@ -28,7 +28,7 @@ from ..models.autoencoder import AutoEncoder
 from ..models.clip import CLIPTextModel
 from ..models.flux import FluxTransformer
 from ..models.t5 import T5Encoder
-from .compressed_linear import replace_linears
+from .compressed_linear import ScratchPool, replace_linears
 from .files import FP8_DTYPES, open_weight_file, t5_names_from_gguf
 from .flux_layout import flux_config_from_diffusers, flux_config_from_shapes, flux_from_diffusers
 from .formats import QuantizedTensor, codec, quantize
@@ -225,13 +225,14 @@ def load_component(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     storage: str | None = "file",
+    pool: ScratchPool | None = None,
 ) -> nn.Module:
     """Build and load the component ``name`` ("transformer", "t5", "clip", "vae") from ``path``.
 
     ``storage`` says how the linear layers inside the blocks hold their weights: None expands
     everything to ``dtype``; "file" keeps the file's compressed tensors compressed; a format name
     ("nf4", "int8", "Q4_0", ...) quantizes them into it while loading, one tensor at a time, on the
-    GPU when one is available.
+    GPU when one is available. Compressed layers dequantize into ``pool`` (the process-wide one when None).
     """
     component = COMPONENTS[name]
     if storage not in (None, "file"):
@@ -248,5 +249,5 @@ def load_component(
             if held is not None:
                 compressed[weight] = held.to(device)
     materialize(model, source, dtype, device, skip=compressed)
-    replace_linears(model, compressed)
+    replace_linears(model, compressed, pool=pool)
     return model
