@@ -32,11 +32,10 @@ from typing import Any
 import psutil
 import torch
 
-from . import sampling
 from .demo import demo_image
 from .errors import KontextError
 from .hardware import GIB, MIB, Machine, cap_allocator, detect, process_vram_bytes
-from .pipeline import KontextPipeline, ModelPaths, PipelineStats, default_dtype
+from .pipeline import KontextPipeline, ModelPaths, default_dtype
 from .planner import ModelSizes, Plan, Profile, load_profiles, plan
 from .progress import Progress
 from .prompt_cache import PromptCache
@@ -49,22 +48,6 @@ SEED = 0
 STAGES = ("clip", "t5", "vae_encode", "transformer", "vae_decode")
 OUTSIDE_ALLOCATOR = ("CUDA context", "runtime reserve")  # the plan's terms for memory the allocator does not see
 RSS_INTERVAL_S = 0.01
-LINE_STYLES = ("--", "-.", ":")
-PEER_COLORS = ("tab:gray", "tab:purple", "tab:orange")
-# Other runtimes on one H200 (see DESIGN.md, "Measuring"): (label, seconds per step, peak GiB or None)
-# per output size, full-size model.
-PEERS: dict[tuple[int, int], tuple[tuple[str, float, float | None], ...]] = {
-    (1024, 1024): (
-        ("diffusers group offload (bf16)", 0.578, 2.1),
-        ("resident bf16 (peer)", 0.366, 23.1),
-        ("resident NF4, bitsandbytes (peer)", 0.375, 6.7),
-    ),
-    (512, 512): (
-        ("diffusers group offload (bf16)", 0.527, None),
-        ("resident bf16 (peer)", 0.092, None),
-        ("resident NF4, bitsandbytes (peer)", 0.106, None),
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -411,11 +394,11 @@ class _Bench:
         if not result.fits:
             row.error = "the plan does not fit: " + "; ".join(result.why_not())
         else:
-            self.measure(row, result, paths, sizes, budget)
+            self.measure(row, result, paths, budget)
         self.say(f"{name}: " + (f"{row.seconds_per_step:.3f} s/step" if row.completed else f"failed: {row.error}"))
         return row
 
-    def measure(self, row: Row, result: Plan, paths: ModelPaths, sizes: ModelSizes, budget: int | None) -> None:
+    def measure(self, row: Row, result: Plan, paths: ModelPaths, budget: int | None) -> None:
         """Run one edit under ``result`` and fill ``row``; running out of memory is recorded, not raised."""
         s = self.settings
         probe = _Probe(self.device, self.read_vram)
@@ -432,13 +415,13 @@ class _Bench:
                 )  # fmt: skip
                 if cache is not None:
                     cache.clear()  # the first edit runs the text encoders, as a fresh run's would
-                _edit(pipeline, sizes, s)
-                first = pipeline.stats
+                _edit(pipeline, s)
+                first = pipeline.stats  # each edit makes its own
                 if s.session:
-                    self.session_edits(row, pipeline, sizes)
+                    self.session_edits(row, pipeline)
                 pipeline.stats = first
             row.completed = True
-        except (torch.OutOfMemoryError, KontextError) as exc:
+        except KontextError as exc:  # running out of GPU memory included
             row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         finally:
             stats = pipeline.stats if pipeline is not None else None
@@ -470,12 +453,11 @@ class _Bench:
             for name in STAGES
         }
 
-    def session_edits(self, row: Row, pipeline: KontextPipeline, sizes: ModelSizes) -> None:
+    def session_edits(self, row: Row, pipeline: KontextPipeline) -> None:
         """Two more edits on the pipeline that made the first: what a session's later edits cost."""
         for prompt in (SESSION_PROMPT, SESSION_PROMPT):
-            pipeline.stats = PipelineStats()
             start = time.perf_counter()
-            _edit(pipeline, sizes, self.settings, prompt)
+            _edit(pipeline, self.settings, prompt)
             row.session_edit_seconds.append(time.perf_counter() - start)
             seconds = pipeline.stats.stage_seconds
             row.session_sampling_decode_seconds.append(seconds["transformer"] + seconds["vae_decode"])
@@ -510,74 +492,12 @@ class _Bench:
             row.ratio_to_floor = row.seconds_per_step / row.floor_seconds_per_step
 
 
-def _edit(pipeline: KontextPipeline, sizes: ModelSizes, s: BenchSettings, prompt: str = PROMPT) -> None:
-    """One whole edit, stage by stage, with ``s.warmup`` + ``s.steps`` sampling steps."""
-    embedding = pipeline.encode_prompt(prompt)
-    condition = pipeline.encode_condition(demo_image(), s.width, s.height)
-    noise = sampling.initial_noise(SEED, s.height, s.width, sizes.vae.z_channels, sizes.vae.downsample_factor)
-    latent = pipeline.sample(embedding, condition, noise, s.warmup + s.steps, GUIDANCE)
-    pipeline.decode(latent)
-    pipeline.settle()
+def _edit(pipeline: KontextPipeline, s: BenchSettings, prompt: str = PROMPT) -> None:
+    """One whole edit of the demo image through the pipeline's own ``edit``, with ``s.warmup`` + ``s.steps``
+    sampling steps; its figures are then in ``pipeline.stats``."""
+    pipeline.edit(demo_image(), prompt, s.warmup + s.steps, GUIDANCE, SEED, s.width, s.height)
 
 
 def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda _: None) -> BenchReport:
     """Measure every profile of ``settings``; ``say`` gets one line per file written and per profile."""
     return _Bench(settings, say).run()
-
-
-def require_matplotlib() -> None:
-    """A clear error before any work when the plot cannot be drawn."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise KontextError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
-
-
-def write_plot(report: BenchReport, path: Path) -> None:
-    """Seconds per step and peak memory per profile, with the resident references and peer figures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report.rows
-    names = [r.profile + (" (ref)" if r.reference else "") for r in rows]
-    x = range(len(rows))
-    settings = report.settings
-    peers = () if settings["small"] else PEERS.get((settings["width"], settings["height"]), ())
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(rows) + 4), 5.5))
-
-    speed.bar(
-        x, [r.seconds_per_step or 0 for r in rows], color=["tab:blue" if r.completed else "tab:red" for r in rows]
-    )
-    for i, r in enumerate(rows):
-        if not r.completed:
-            speed.annotate("failed", (i, 0), ha="center", va="bottom", color="tab:red")
-    references = [r for r in rows if r.reference and r.completed]
-    for i, r in enumerate(references):
-        style = LINE_STYLES[i % len(LINE_STYLES)]
-        speed.axhline(r.seconds_per_step, color="tab:green", linestyle=style, label=f"{r.profile} (this run)")
-    for i, (label, seconds, _) in enumerate(peers):
-        speed.axhline(seconds, color=PEER_COLORS[i % len(PEER_COLORS)], linestyle=":", label=label)
-    speed.set_ylabel("seconds per transformer step (median)")
-
-    predicted = [r.predicted_peak / GIB for r in rows]
-    measured = [(r.measured_peak or 0) / GIB for r in rows]
-    memory.bar([i - 0.2 for i in x], predicted, width=0.4, label="predicted", color="tab:gray")
-    if any(measured):
-        memory.bar([i + 0.2 for i in x], measured, width=0.4, label="measured", color="tab:blue")
-    for i, (label, _, gib) in enumerate(peers):
-        if gib is not None:
-            memory.axhline(gib, color=PEER_COLORS[i % len(PEER_COLORS)], linestyle=":", label=label)
-    memory.set_ylabel("peak allocated GiB (largest stage, CUDA context excluded)")
-
-    where = report.machine["gpu"] or "CPU"
-    size = "tiny model" if settings["small"] else "full-size model"
-    for ax in (speed, memory):
-        ax.set_xticks(list(x), names, rotation=30, ha="right")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    fig.suptitle(f"{where}, {size}, {settings['width']}x{settings['height']}, synthetic weights")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

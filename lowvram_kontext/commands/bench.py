@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import bench
+from .. import bench, bench_plot
 from ..errors import KontextError
 from ..hardware import parse_size
 from ..paths import cache_dir
@@ -71,11 +71,11 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and not path.parent.is_dir():
             raise KontextError(f"{option} {path}: folder {path.parent} does not exist")
     if args.plot is not None:
-        bench.require_matplotlib()
+        bench_plot.require_matplotlib()
     report = bench.run_bench(settings, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(report.table())
     if args.json is not None:
         args.json.write_text(report.to_json() + "\n")
     if args.plot is not None:
-        bench.write_plot(report, args.plot)
+        bench_plot.write_plot(report, args.plot)
     return 0
