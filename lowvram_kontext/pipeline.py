@@ -28,6 +28,7 @@ from .prompt_cache import PromptCache, encoder_identity
 from .prompt_cache import key as cache_key
 from .tokenizers import load_tokenizers
 from .vae_tiling import decode_tiled, encode_tiled
+from .weights.layouts.bundle import bundle_components
 from .weights.loading import COMPONENTS, open_component
 
 DEFAULT_STEPS = 28
@@ -42,17 +43,23 @@ def _overlap(tile: int, preferred: int, multiple: int = 1) -> int:
 
 
 def component_paths(model: Path | None, **given: Path | None) -> dict[str, Path]:
-    """The path of each component given explicitly or found in the ``model`` folder, checked to exist.
+    """The path of each component given explicitly or found in ``model`` (a diffusers folder or an
+    all-in-one checkpoint file), checked to exist.
 
     ``given`` maps component names ("transformer", "t5", "clip", "vae") to explicit paths or None;
     a component neither given nor in a model folder is left out.
     """
-    if model is not None and not Path(model).is_dir():
-        raise KontextError(f"{model}: no such model folder")
+    bundled = bundle_components(Path(model)) if model is not None and Path(model).is_file() else None
+    if model is not None and not Path(model).is_dir() and not bundled:
+        raise KontextError(f"{model}: no such model folder or all-in-one checkpoint file")
     paths: dict[str, Path] = {}
     for name, component in COMPONENTS.items():
         path = given.get(name)
-        if path is None and model is not None:
+        if path is None and bundled is not None:
+            if name not in bundled:
+                raise KontextError(f"{model}: the checkpoint holds no {component.label}; pass --{name} FILE")
+            path = Path(model)
+        elif path is None and model is not None:
             path = Path(model) / component.folder
             if not path.is_dir():
                 raise KontextError(
@@ -90,8 +97,10 @@ class ModelPaths:
         for name, component in COMPONENTS.items():
             if name not in paths:
                 raise KontextError(f"no {component.label} given: pass --model DIR or --{name} FILE")
-        if tokenizers is None and model is None:
-            raise KontextError("no tokenizers given: pass --tokenizers DIR (with tokenizer/ and tokenizer_2/)")
+        if tokenizers is None and (model is None or not Path(model).is_dir()):
+            raise KontextError(
+                "no tokenizers given: pass --tokenizers DIR (with tokenizer/ and tokenizer_2/)"
+            )
         return cls(tokenizers=Path(tokenizers if tokenizers is not None else model), **paths)
 
 

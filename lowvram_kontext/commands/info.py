@@ -13,9 +13,11 @@ import torch
 
 from ..errors import KontextError, WeightFileError
 from ..weights.files import FP8_DTYPES, QUANTIZED_KEY, gguf_source, is_gguf
-from ..weights.loading import COMPONENTS, compressible_weights, open_component
+from ..weights.layouts import layout_name
+from ..weights.layouts.bundle import bundle_components
+from ..weights.loading import COMPONENTS, Component, compressible_weights, open_component
 from ..weights.safetensors_file import SafetensorsFile
-from ..weights.source import TensorRef
+from ..weights.source import TensorRef, TensorSource
 
 MAX_METADATA_CHARS = 120
 
@@ -29,17 +31,24 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _container(path: Path) -> tuple[str, dict]:
     """The file kind and its metadata."""
     if path.is_dir():
-        return "diffusers / transformers component folder", {}
+        kind = "diffusers / transformers component folder"
+        try:
+            method = json.loads((path / "config.json").read_text())["quantization_config"]["quant_method"]
+            return f"{kind}, quantized by {method}", {}
+        except (OSError, ValueError, KeyError, TypeError):
+            return kind, {}
     if path.suffix.lower() == ".gguf" or is_gguf(path):
         metadata = gguf_source(path)[1]
         return f"GGUF (architecture {metadata.get('general.architecture', '?')})", metadata
     file = SafetensorsFile(path)
     if QUANTIZED_KEY in file.metadata:
         kind = f"safetensors, compressed to {file.metadata.get('lowvram_kontext.format', '?')} by lowvram_kontext"
-    elif "scaled_fp8" in file:
-        kind = "safetensors, ComfyUI scaled fp8"
     else:
-        kind = "safetensors"
+        layout = layout_name(dict.fromkeys(file.keys()), file.metadata)
+        kind = "safetensors" if layout is None else f"safetensors, {layout}"
+    bundled = bundle_components(path)
+    if bundled:
+        kind += f"; all-in-one checkpoint ({', '.join(COMPONENTS[c].label for c in bundled)})"
     return kind, file.metadata
 
 
@@ -73,7 +82,21 @@ def describe(path: Path) -> str:
         parts = [describe(path / c.folder) for c in COMPONENTS.values() if (path / c.folder).is_dir()]
         return f"{path}: diffusers model folder\n\n" + "\n\n".join(parts)
     kind, metadata = _container(path)
+    bundled = bundle_components(path) if path.is_file() else []
+    if bundled:
+        parts = [
+            _describe_component(path, kind, {}, COMPONENTS[name], *open_component(COMPONENTS[name], path))
+            for name in bundled
+        ]
+        return "\n\n".join(parts) + _metadata_lines(metadata)
     component, config, source = _identify(path)
+    return _describe_component(path, kind, metadata, component, config, source)
+
+
+def _describe_component(
+    path: Path, kind: str, metadata: dict, component: Component, config: object, source: TensorSource
+) -> str:
+    """What one component of ``path`` holds, tensor formats and resident size included."""
     with torch.device("meta"):
         model = component.model(config)
     params = sum(p.numel() for p in model.parameters())
@@ -97,12 +120,17 @@ def describe(path: Path) -> str:
         lines.append(f"    {fmt:<14} {n:>5} tensors  {_size(sizes[fmt]):>12}")
     lines.append(f"  on disk:     {_size(sum(sizes.values()))} of tensors")
     lines.append(f"  resident:    {_size(resident)} of GPU memory to hold it all (bf16 compute)")
+    return "\n".join(lines) + _metadata_lines(metadata)
+
+
+def _metadata_lines(metadata: dict) -> str:
+    lines = []
     for key, value in metadata.items():
         text = value if isinstance(value, str) else json.dumps(value)
         if len(text) > MAX_METADATA_CHARS:
             text = text[:MAX_METADATA_CHARS] + f"... ({len(text)} chars)"
-        lines.append(f"  metadata:    {key} = {text}")
-    return "\n".join(lines)
+        lines.append(f"\n  metadata:    {key} = {text}")
+    return "".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:

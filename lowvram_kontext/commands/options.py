@@ -12,7 +12,11 @@ from ..planner import Profile, load_profile_file
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model files (a diffusers folder, or one file per component)")
-    group.add_argument("--model", type=Path, help="diffusers folder as in the Kontext model repository")
+    group.add_argument(
+        "--model",
+        type=Path,
+        help="diffusers folder as in the Kontext model repository, or an all-in-one checkpoint file (ComfyUI, Forge)",
+    )
     group.add_argument("--transformer", type=Path, help="transformer file (BFL or ComfyUI) or folder")
     group.add_argument("--t5", type=Path, help="T5-XXL encoder file or folder")
     group.add_argument("--clip", type=Path, help="CLIP-L text encoder file or folder")

@@ -5,7 +5,8 @@
 - Safetensors files written by ``quantize``: compressed tensors are stored as their payload
   (``NAME`` holds the data, ``NAME.scale`` / ``NAME.absmax`` the rest) and described in the file's
   metadata under ``lowvram_kontext.quantized`` (format and logical shape per tensor).
-- ComfyUI "scaled fp8" files: ``NAME.weight`` in float8 with ``NAME.scale_weight`` beside it.
+- Files of other tools' quantized layouts (bitsandbytes 4-bit, ComfyUI scaled fp8 and mixed
+  precision, optimum-quanto): regrouped into compressed refs (see ``layouts``).
 - Any other safetensors file: plain tensors.
 """
 
@@ -20,6 +21,7 @@ import torch
 from ..errors import WeightFileError
 from .formats import QuantizedTensor
 from .gguf_file import GGUFFile
+from .layouts import regroup
 from .safetensors_file import SafetensorsFile
 from .source import TensorRef, TensorSource
 
@@ -124,27 +126,6 @@ def _quantized_safetensors(file: SafetensorsFile) -> TensorSource:
     return source
 
 
-def _scaled_fp8(file: SafetensorsFile) -> TensorSource:
-    """ComfyUI's scaled fp8: ``W.weight`` (float8) times ``W.scale_weight`` is the real weight."""
-    plain = file.source()
-    source: TensorSource = {}
-    for name, ref in plain.items():
-        if name == "scaled_fp8" or name.endswith((".scale_weight", ".scale_input")):
-            continue
-        scale_key = name.removesuffix(".weight") + ".scale_weight"
-        if ref.dtype in FP8_DTYPES and name.endswith(".weight") and scale_key in plain:
-            fmt = FP8_DTYPES[ref.dtype]
-
-            def read(name: str = name, scale_key: str = scale_key, fmt: str = fmt) -> QuantizedTensor:
-                scale = file.read(scale_key).float().reshape(1)
-                return QuantizedTensor.from_tensors(fmt, file.shape(name), {"data": file.read(name), "scale": scale})
-
-            source[name] = TensorRef.of_compressed(ref.shape, fmt, read, ref.origin, ref.nbytes + 4)
-        else:
-            source[name] = ref
-    return source
-
-
 def is_gguf(path: Path) -> bool:
     with Path(path).open("rb") as f:
         return f.read(4) == b"GGUF"
@@ -160,6 +141,4 @@ def open_weight_file(path: Path) -> TensorSource:
     file = SafetensorsFile(path)
     if QUANTIZED_KEY in file.metadata:
         return _quantized_safetensors(file)
-    if "scaled_fp8" in file:
-        return _scaled_fp8(file)
-    return file.source()
+    return regroup(file.source(), file.metadata, str(path))

@@ -32,6 +32,8 @@ from .compressed_linear import ScratchPool, replace_linears
 from .files import FP8_DTYPES, open_weight_file, t5_names_from_gguf
 from .flux_layout import flux_config_from_diffusers, flux_config_from_shapes, flux_from_diffusers
 from .formats import QuantizedTensor, codec, quantize
+from .layouts import regroup
+from .layouts.bundle import PREFIXES as BUNDLE_PREFIXES
 from .safetensors_file import SafetensorsFile, open_sharded
 from .source import TensorRef, TensorSource
 from .text_layout import (
@@ -87,12 +89,13 @@ COMPONENTS: dict[str, Component] = {
     "t5": Component(
         "t5", "T5 text encoder", "text_encoder_2", T5Encoder,
         t5_config_from_transformers, t5_config_from_shapes, lambda s, _: t5_canonical(s),
-        lambda s: t5_canonical(t5_names_from_gguf(s)), "encoder.block.", (), ("encoder.block.",),
+        lambda s: t5_canonical(t5_names_from_gguf(s)), "encoder.block.", (BUNDLE_PREFIXES["t5"],),
+        ("encoder.block.",),
     ),
     "clip": Component(
         "clip", "CLIP text encoder", "text_encoder", CLIPTextModel,
         clip_config_from_transformers, clip_config_from_shapes, lambda s, _: clip_canonical(s),
-        clip_canonical, "layers.",
+        clip_canonical, "layers.", (BUNDLE_PREFIXES["clip"],),
     ),
     "vae": Component(
         "vae", "VAE", "vae", AutoEncoder,
@@ -113,14 +116,17 @@ def read_folder_source(folder: Path) -> TensorSource:
     """All tensors of a diffusers / transformers component folder (single or sharded safetensors)."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
-        return open_sharded(indexes[0])
+        return regroup(open_sharded(indexes[0]), {}, str(folder))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WeightFileError(f"{folder}: no *.safetensors weights in this folder")
     source: TensorSource = {}
+    metadata: dict[str, str] = {}
     for file in files:
-        source.update(SafetensorsFile(file).source())
-    return source
+        opened = SafetensorsFile(file)
+        source.update(opened.source())
+        metadata.update(opened.metadata)
+    return regroup(source, metadata, str(folder))
 
 
 def open_component(component: Component, path: Path) -> tuple[Any, TensorSource]:

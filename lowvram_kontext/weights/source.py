@@ -17,6 +17,7 @@ import torch
 
 from ..errors import WeightFileError
 from .formats import QuantizedTensor
+from .formats.nf4 import BLOCK as NF4_BLOCK
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ def concat(refs: Sequence[TensorRef], dim: int = 0) -> TensorRef:
             )
     shape = list(first.shape)
     shape[dim] = sum(ref.shape[dim] for ref in refs)
+    formats = {ref.format for ref in refs if ref.compressed is not None}
+    if dim == 0 and len(formats) == 1 and all(ref.compressed is not None for ref in refs):
+        joined = concat_rows(refs, tuple(shape), formats.pop())
+        if joined is not None:
+            return joined
     return TensorRef(
         shape=tuple(shape),
         dtype=first.dtype,
@@ -94,10 +100,47 @@ def concat(refs: Sequence[TensorRef], dim: int = 0) -> TensorRef:
     )
 
 
+# Formats whose payload tensors all run along the rows, so that joining tensors by rows joins each
+# payload by rows: nf4's absmax (blocks of 64 never straddle two tensors whose sizes are multiples of
+# 64) and int8's per-row scales.
+ROW_JOINABLE = ("nf4", "int8")
+
+
+def concat_rows(refs: Sequence[TensorRef], shape: tuple[int, ...], fmt: str) -> TensorRef | None:
+    """A compressed ref to ``refs`` (all compressed in ``fmt``) joined by rows; None where ``fmt`` cannot."""
+    if fmt not in ROW_JOINABLE:
+        return None
+
+    def read() -> QuantizedTensor:
+        parts = [ref.compressed() for ref in refs]  # type: ignore[misc]
+        fields = parts[0].tensors()
+        payload = {name: torch.cat([p.tensors()[name] for p in parts], dim=0) for name in fields}
+        return QuantizedTensor.from_tensors(fmt, shape, payload, origin=refs[0].origin)
+
+    origin = " + ".join(ref.origin for ref in refs)
+    return TensorRef.of_compressed(shape, fmt, read, origin, sum(ref.nbytes for ref in refs))
+
+
 def swap_halves(ref: TensorRef) -> TensorRef:
     """A ref to ``ref`` with the two halves of its first axis exchanged ((a, b) -> (b, a))."""
     if ref.shape[0] % 2:
         raise WeightFileError(f"{ref.origin}: first axis {ref.shape[0]} cannot be split in halves")
+    half_numel = math.prod(ref.shape) // 2
+    if (
+        ref.compressed is not None
+        and ref.format in ROW_JOINABLE
+        and (ref.format != "nf4" or half_numel % NF4_BLOCK == 0)
+    ):
+        compressed = ref.compressed
+
+        def read_compressed() -> QuantizedTensor:
+            held = compressed()
+            halves = {name: t.chunk(2, dim=0) for name, t in held.tensors().items()}
+            payload = {name: torch.cat([second, first], dim=0) for name, (first, second) in halves.items()}
+            return QuantizedTensor.from_tensors(ref.format, ref.shape, payload, origin=ref.origin)  # type: ignore[arg-type]
+
+        origin = f"swapped halves of {ref.origin}"
+        return TensorRef.of_compressed(ref.shape, ref.format, read_compressed, origin, ref.nbytes)  # type: ignore[arg-type]
 
     def read() -> torch.Tensor:
         first, second = ref.load().chunk(2, dim=0)
