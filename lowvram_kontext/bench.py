@@ -63,6 +63,7 @@ class BenchSettings:
     warmup: int = 1
     small: bool = False
     session: bool = False  # after the measured edit, two more on the same pipeline (new prompt, repeated prompt)
+    references: int = 0  # reference images beside the input (--ref), each at the edit's size
 
 
 @dataclass
@@ -356,11 +357,15 @@ class _Bench:
         """(plan, budget enforced, lifted): a reference that does not fit the budget runs on the card."""
         s, profile = self.settings, self.profiles[name]
         machine, budget = self.card(profile, s.budget_bytes)
-        result = plan(machine, self.profiles, s.width, s.height, sizes, name, keep_weights=s.session)
+        result = plan(
+            machine, self.profiles, s.width, s.height, sizes, name, keep_weights=s.session, references=s.references
+        )
         if not (reference and not result.fits and s.budget_bytes is not None):
             return result, budget, False
         machine, budget = self.card(profile, None)
-        lifted = plan(machine, self.profiles, s.width, s.height, sizes, name, keep_weights=s.session)
+        lifted = plan(
+            machine, self.profiles, s.width, s.height, sizes, name, keep_weights=s.session, references=s.references
+        )
         where = "the whole card" if budget is None else f"a {_size(budget)} card"
         outcome = f"as a reference it runs on {where}" if lifted.fits else f"nor does it fit {where}"
         self.notes.append(f"{name} does not fit the {_size(s.budget_bytes)} budget; {outcome}")
@@ -493,9 +498,11 @@ class _Bench:
 
 
 def _edit(pipeline: KontextPipeline, s: BenchSettings, prompt: str = PROMPT) -> None:
-    """One whole edit of the demo image through the pipeline's own ``edit``, with ``s.warmup`` + ``s.steps``
-    sampling steps; its figures are then in ``pipeline.stats``."""
-    pipeline.edit(demo_image(), prompt, s.warmup + s.steps, GUIDANCE, SEED, s.width, s.height)
+    """One whole edit of the demo image (with ``s.references`` copies of it as references) through the
+    pipeline's own ``edit``, with ``s.warmup`` + ``s.steps`` sampling steps; its figures are then in
+    ``pipeline.stats``."""
+    references = [demo_image()] * s.references
+    pipeline.edit(demo_image(), prompt, s.warmup + s.steps, GUIDANCE, SEED, s.width, s.height, references)
 
 
 def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda _: None) -> BenchReport:

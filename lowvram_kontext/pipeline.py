@@ -10,7 +10,7 @@ that runs between ``components.acquire(name, stage)`` and ``components.done_with
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,9 +98,7 @@ class ModelPaths:
             if name not in paths:
                 raise KontextError(f"no {component.label} given: pass --model DIR or --{name} FILE")
         if tokenizers is None and (model is None or not Path(model).is_dir()):
-            raise KontextError(
-                "no tokenizers given: pass --tokenizers DIR (with tokenizer/ and tokenizer_2/)"
-            )
+            raise KontextError("no tokenizers given: pass --tokenizers DIR (with tokenizer/ and tokenizer_2/)")
         return cls(tokenizers=Path(tokenizers if tokenizers is not None else model), **paths)
 
 
@@ -108,6 +106,15 @@ class ModelPaths:
 class PromptEmbedding:
     txt: torch.Tensor  # [1, 512, context] T5 states
     vec: torch.Tensor  # [1, pooled] CLIP pooled state
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference image beside the main one, encoded: its packed tokens and their grid."""
+
+    tokens: torch.Tensor  # [1, rows * cols, channels]
+    rows: int
+    cols: int
 
 
 @dataclass
@@ -263,6 +270,12 @@ class KontextPipeline:
                 latent = encode_tiled(vae, pixels, tile, _overlap(tile, ENCODE_OVERLAP, factor))
             return sampling.pack(latent)
 
+    def encode_reference(self, image: Image.Image, width: int, height: int) -> Reference:
+        """A reference image encoded like the condition, at the edit's pixel area in its own aspect ratio."""
+        grid = self.vae_grid
+        ref_width, ref_height = sampling.reference_size(width, height, image.width, image.height, grid)
+        return Reference(self.encode_condition(image, ref_width, ref_height), ref_height // grid, ref_width // grid)
+
     @torch.inference_mode()
     def sample(
         self,
@@ -271,14 +284,18 @@ class KontextPipeline:
         noise: torch.Tensor,
         steps: int,
         guidance: float,
+        references: Sequence[Reference] = (),
     ) -> torch.Tensor:
-        """Euler sampling from ``noise`` ([1, C, h, w]) given the condition tokens; returns the latent."""
+        """Euler sampling from ``noise`` ([1, C, h, w]) given the condition tokens (and those of any
+        reference images, appended after them); returns the latent."""
         latent_h, latent_w = noise.shape[-2:]
         target = sampling.pack(noise.float())
         # The condition is encoded at the target's size, so both share one grid of positions.
-        ids = torch.cat(
-            [sampling.position_ids(latent_h, latent_w, 0), sampling.position_ids(latent_h, latent_w, 1)], dim=1
-        ).to(self.device, self.dtype)
+        grids = [(latent_h // sampling.PACK, latent_w // sampling.PACK), *((r.rows, r.cols) for r in references)]
+        ids = torch.cat([sampling.position_ids(latent_h, latent_w, 0), sampling.condition_ids(grids)], dim=1)
+        ids = ids.to(self.device, self.dtype)
+        if references:
+            condition = torch.cat([condition, *(r.tokens for r in references)], dim=1)
         txt_ids = torch.zeros(1, prompt.txt.shape[1], 3, device=self.device, dtype=self.dtype)
         guidance_vec = torch.full((1,), guidance, device=self.device, dtype=self.dtype)
         n_target = target.shape[1]
@@ -301,7 +318,10 @@ class KontextPipeline:
             self.progress.step(done, total, step_ends[-1] - step_ends[-2])
 
         times = sampling.schedule(steps, n_target)
-        self.progress.say(f"sampling {steps} steps, {n_target} target + {condition.shape[1]} condition tokens")
+        with_refs = f" ({len(references)} reference images)" if references else ""
+        self.progress.say(
+            f"sampling {steps} steps, {n_target} target + {condition.shape[1]} condition tokens{with_refs}"
+        )
         with self._stage("transformer"):
             step_ends.append(time.perf_counter())
             tokens = sampling.euler(velocity, target.to(self.device), times, on_step=on_step)
@@ -342,8 +362,10 @@ class KontextPipeline:
         seed: int = 0,
         width: int | None = None,
         height: int | None = None,
+        references: Sequence[Image.Image] = (),
     ) -> Image.Image:
-        """One whole edit of ``image`` following ``prompt``; ``stats`` then describe this edit.
+        """One whole edit of ``image`` following ``prompt``, with ``references`` beside it; ``stats`` then
+        describe this edit.
 
         Running out of GPU memory in any stage frees everything and retries the edit once with the
         next smaller plan (the profile predicted to need less memory) instead of failing.
@@ -355,7 +377,7 @@ class KontextPipeline:
         while True:
             self.stats = PipelineStats()
             try:
-                return self._edit(image, prompt, steps, guidance, seed, width, height)
+                return self._edit(image, prompt, steps, guidance, seed, width, height, references)
             except torch.OutOfMemoryError as exc:
                 self.components.release()
                 failed = self.plan.profile.name if self.plan is not None else "everything resident"
@@ -382,13 +404,22 @@ class KontextPipeline:
         return self.replan(max(lower, key=lambda c: (c.fits, c.peak_bytes)).name)
 
     def _edit(
-        self, image: Image.Image, prompt: str, steps: int, guidance: float, seed: int, width: int, height: int
+        self,
+        image: Image.Image,
+        prompt: str,
+        steps: int,
+        guidance: float,
+        seed: int,
+        width: int,
+        height: int,
+        references: Sequence[Image.Image],
     ) -> Image.Image:
         embedding = self.encode_prompt(prompt)
         condition = self.encode_condition(image, width, height)
+        encoded = [self.encode_reference(reference, width, height) for reference in references]
         config = self._vae_config
         noise = sampling.initial_noise(seed, height, width, config.z_channels, config.downsample_factor)
-        latent = self.sample(embedding, condition, noise, steps, guidance)
+        latent = self.sample(embedding, condition, noise, steps, guidance, encoded)
         result = self.decode(latent)
         self.settle()
         return result

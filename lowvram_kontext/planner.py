@@ -679,7 +679,7 @@ class Plan:
     width: int
     height: int
     text_tokens: int
-    image_tokens: int  # target + condition
+    image_tokens: int  # target + condition (+ references)
     budget_bytes: int  # usable VRAM: free minus the profile's margin
     stages: tuple[StagePlan, ...]
     compute_seconds: float
@@ -822,6 +822,7 @@ class _Context:
     budget: int
     cal: Calibration
     keep_weights: bool = False
+    references: int = 0  # reference images beside the main one, each at most the edit's pixel area
 
     @property
     def base_terms(self) -> dict[str, int]:
@@ -942,7 +943,8 @@ def _vae_stage(ctx: _Context, name: str, decode: bool) -> StagePlan:
 def _profile_plan(ctx: _Context) -> Plan:
     profile, model, machine, cal = ctx.profile, ctx.model, ctx.machine, ctx.cal
     text_tokens = model.t5_tokens
-    image_tokens = 2 * model.image_tokens(ctx.width, ctx.height)
+    # target, condition and each reference (encoded at no more than the edit's pixel area)
+    image_tokens = (2 + ctx.references) * model.image_tokens(ctx.width, ctx.height)
 
     clip_fmt = model.clip_file.format if profile.clip_format == FILE_FORMAT else profile.clip_format
     clip = clip_part(model.clip)
@@ -1069,10 +1071,12 @@ def plan(
     profile_name: str | None = None,
     calibration: Calibration = CALIBRATION,
     keep_weights: bool = False,
+    references: int = 0,
 ) -> Plan:
     """The plan of ``profile_name`` (fitting or not), else of the fastest profile that fits.
 
     ``keep_weights``: plan for successive edits, where the whole model stays in host memory.
+    ``references``: reference images beside the main one; their tokens lengthen the sequence.
 
     Raises ``BudgetTooSmall`` (a KontextError) with the smallest VRAM budget that would work when no
     profile fits the card, and a KontextError when none suits the host whatever the card.
@@ -1089,7 +1093,8 @@ def plan(
 
     def plan_for(profile: Profile, on: Machine) -> Plan:
         budget = on.vram_free - profile.margin_bytes
-        return _profile_plan(_Context(profile, on, model, width, height, budget, calibration, keep_weights))
+        context = _Context(profile, on, model, width, height, budget, calibration, keep_weights, references)
+        return _profile_plan(context)
 
     plans = {name: plan_for(profile, machine) for name, profile in profiles.items()}
     ranked = sorted(plans.values(), key=_preference)

@@ -1,7 +1,8 @@
 """Kontext sampling: resolution choice, latent packing, position ids, the shifted schedule, Euler steps.
 
 Conventions follow the reference implementation so that a seed gives the reference's image:
-target tokens carry ids (0, row, col), condition tokens (1, row, col), text tokens zeros; the
+target tokens carry ids (0, row, col), condition tokens (1, row, col) (further reference images
+are placed beside the condition, see ``condition_ids``), text tokens zeros; the
 schedule's shift depends on the number of target tokens only; condition tokens are fed to the
 model at every step and never updated.
 """
@@ -9,7 +10,7 @@ model at every step and never updated.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -46,14 +47,47 @@ def unpack(tokens: torch.Tensor, latent_height: int, latent_width: int) -> torch
     return x.permute(0, 3, 1, 4, 2, 5).reshape(b, c, latent_height, latent_width)
 
 
-def position_ids(latent_height: int, latent_width: int, first_axis: int) -> torch.Tensor:
-    """[1, N, 3] ids (first_axis, row, col) of the packed tokens of a latent."""
+def position_ids(
+    latent_height: int, latent_width: int, first_axis: int, row_offset: int = 0, col_offset: int = 0
+) -> torch.Tensor:
+    """[1, N, 3] ids (first_axis, row_offset + row, col_offset + col) of the packed tokens of a latent."""
     rows, cols = latent_height // PACK, latent_width // PACK
     ids = torch.zeros(rows, cols, 3)
     ids[..., 0] = first_axis
-    ids[..., 1] = torch.arange(rows)[:, None]
-    ids[..., 2] = torch.arange(cols)[None, :]
+    ids[..., 1] = row_offset + torch.arange(rows)[:, None]
+    ids[..., 2] = col_offset + torch.arange(cols)[None, :]
     return ids.reshape(1, rows * cols, 3)
+
+
+def condition_ids(grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """[1, N, 3] ids of the condition images' tokens, the main image first, then each reference.
+
+    Every condition token has first axis 1. The main image keeps rows and columns from 0 (the
+    reference implementation's single condition); each further image is placed beside those before
+    it, to the right when it is taller than the area they cover so far and below otherwise, so no
+    two images share a position. This is how ComfyUI places chained Kontext reference latents (its
+    default "offset" method). ``grids`` are the packed (rows, cols) of each image.
+    """
+    height = width = 0
+    parts = []
+    for rows, cols in grids:
+        row_offset = col_offset = 0
+        if rows + height > cols + width:
+            col_offset = width
+        else:
+            row_offset = height
+        height, width = max(height, rows + row_offset), max(width, cols + col_offset)
+        parts.append(position_ids(rows * PACK, cols * PACK, 1, row_offset, col_offset))
+    return torch.cat(parts, dim=1)
+
+
+def reference_size(width: int, height: int, image_width: int, image_height: int, grid: int) -> tuple[int, int]:
+    """The (width, height) a reference image is encoded at: the edit's pixel area with the reference's
+    own aspect ratio, sides multiples of ``grid``; never more pixels than the edit's."""
+    area, aspect = width * height, image_width / image_height
+    ref_height = max(grid, int(math.sqrt(area / aspect)) // grid * grid)
+    ref_width = max(grid, min(int(math.sqrt(area * aspect)), area // ref_height) // grid * grid)
+    return ref_width, ref_height
 
 
 def initial_noise(seed: int, height: int, width: int, channels: int, downsample: int = 8) -> torch.Tensor:

@@ -138,14 +138,20 @@ class Editor:
         width: int | None = None,
         height: int | None = None,
         output_filter: OutputFilter | None = None,
+        references: Sequence[Image.Image] = (),
+        reference_names: Sequence[str] = (),
     ):
+        """``references``: images beside each edit's input (``--ref``), named in the outputs' metadata."""
         self.pipeline = pipeline
+        self.references, self.reference_names = tuple(references), tuple(reference_names)
         self.steps, self.guidance, self.seed = steps, guidance, seed
         self.width, self.height = width, height
         self.output_filter = output_filter
 
     def edit(self, image: Image.Image, prompt: str) -> Image.Image:
-        result = self.pipeline.edit(image, prompt, self.steps, self.guidance, self.seed, self.width, self.height)
+        result = self.pipeline.edit(
+            image, prompt, self.steps, self.guidance, self.seed, self.width, self.height, self.references
+        )
         stats = self.pipeline.stats
         if stats.stage_peak_bytes:
             peaks = ", ".join(f"{name} {peak / 2**30:.2f}" for name, peak in stats.stage_peak_bytes.items())
@@ -174,6 +180,8 @@ class Editor:
         }
         if len(prompts) > 1:
             text["earlier prompts"] = json.dumps(list(prompts[:-1]))
+        if self.reference_names:
+            text["references"] = json.dumps(list(self.reference_names))
         return text
 
     def write(self, image: Image.Image, path: Path, prompts: Sequence[str], source: str) -> Path:

@@ -38,6 +38,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--session", action="store_true", help="also time a session's later edits (weights kept, prompt cache)"
     )
+    parser.add_argument(
+        "--refs", type=int, default=0, help="reference images beside the input, as --ref adds them (default 0)"
+    )
     parser.add_argument("--small", action="store_true", help="the tiny model instead of the full-size one (CPU tests)")
     parser.set_defaults(run=run)
 
@@ -51,6 +54,8 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
             raise KontextError(f"--{name} must be a multiple of {GRID} of at least {GRID} (got {value})")
     if args.steps < 1 or args.warmup < 0:
         raise KontextError(f"--steps must be at least 1 and --warmup at least 0 (got {args.steps}, {args.warmup})")
+    if args.refs < 0:
+        raise KontextError(f"--refs must be at least 0 (got {args.refs})")
     names = [n.strip() for n in (args.profiles or "").split(",") if n.strip()]
     return bench.BenchSettings(
         profiles=tuple(dict.fromkeys(names)),
@@ -62,6 +67,7 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
         warmup=args.warmup,
         small=args.small,
         session=args.session,
+        references=args.refs,
     )
 
 

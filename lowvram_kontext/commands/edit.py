@@ -29,7 +29,15 @@ from ..planner import ModelSizes, Plan, load_profiles, plan
 from ..progress import Progress
 from ..prompt_cache import PromptCache
 from ..workflow import Editor, OutputNames, Refused
-from .options import add_model_options, add_plan_options, chosen_profile, model_paths, planning_machine
+from .options import (
+    add_model_options,
+    add_plan_options,
+    add_reference_options,
+    chosen_profile,
+    model_paths,
+    planning_machine,
+    reference_images,
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -57,6 +65,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def add_edit_options(parser: argparse.ArgumentParser) -> None:
     """Model files, sampling, precision, device, memory plan, output filter and verbosity: shared with `session`."""
     add_model_options(parser)
+    add_reference_options(parser)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--seed", type=int, default=0, help="starting noise of every edit (default 0)")
@@ -109,15 +118,19 @@ def _plan(
     sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
 
     def replan(profile_name: str | None) -> Plan:
-        return plan(machine, profiles, width, height, sizes, profile_name, keep_weights=keep_weights)
+        return plan(
+            machine, profiles, width, height, sizes, profile_name, keep_weights=keep_weights,
+            references=len(args.ref),
+        )  # fmt: skip
 
     return replan(name), replan
 
 
 def start(args: argparse.Namespace) -> workflow.OutputFilter | None:
-    """Check the sampling options and import the filter before anything loads."""
+    """Check the sampling options, read the reference images and import the filter before anything loads."""
     if args.steps < 1:
         raise KontextError(f"--steps must be at least 1 (got {args.steps})")
+    args.references = reference_images(args)
     return workflow.load_filter(args.filter) if args.filter else None
 
 
@@ -156,7 +169,10 @@ def open_pipeline(
 
 
 def editor(args: argparse.Namespace, pipeline: KontextPipeline, output_filter: workflow.OutputFilter | None) -> Editor:
-    return Editor(pipeline, args.steps, args.guidance, args.seed, args.width, args.height, output_filter)
+    return Editor(
+        pipeline, args.steps, args.guidance, args.seed, args.width, args.height, output_filter,
+        references=args.references, reference_names=[str(path) for path in args.ref],
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from PIL import Image
+
+from .. import images
 from ..hardware import Machine, detect, parse_size
 from ..pipeline import ModelPaths
 from ..planner import Profile, load_profile_file
@@ -26,6 +29,23 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def model_paths(args: argparse.Namespace) -> ModelPaths:
     return ModelPaths.resolve(args.model, args.transformer, args.t5, args.clip, args.vae, args.tokenizers)
+
+
+def add_reference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ref",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="a reference image beside the input, e.g. a face or an object to put in (repeatable); "
+        "each is encoded at the edit's pixel count in its own aspect ratio and lengthens every step",
+    )
+
+
+def reference_images(args: argparse.Namespace) -> list[Image.Image]:
+    """The --ref images, loaded and checked (one clear line for a missing or unreadable file)."""
+    return [images.load_image(path) for path in args.ref]
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:
