@@ -65,7 +65,7 @@ class _Inputs:
 
 def _sample(root: Path, references: list[Image.Image]) -> tuple[torch.Tensor, _Inputs]:
     pipe = KontextPipeline(ModelPaths.resolve(model=root / "diffusers"))
-    inputs = _Inputs(pipe._acquire("transformer", "transformer"))
+    inputs = _Inputs(pipe.components.acquire("transformer", "transformer"))
     embedding = pipe.encode_prompt("a hat")
     condition = pipe.encode_condition(demo_image(SIZE), SIZE, SIZE)
     encoded = [pipe.encode_reference(image, SIZE, SIZE) for image in references]
