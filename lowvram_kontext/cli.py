@@ -9,16 +9,14 @@ import traceback
 from collections.abc import Sequence
 
 from . import __version__
-from .commands import bench, edit, info, plan, quantize, session
+from .commands import bench, edit, info, plan, quantize, serve, session
 from .errors import KontextError
 
-SUBCOMMANDS = (edit, session, plan, bench, quantize, info)
+SUBCOMMANDS = (edit, session, serve, plan, bench, quantize, info)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m lowvram_kontext", description="FLUX.1 Kontext [dev] image editing"
-    )
+    parser = argparse.ArgumentParser(prog="python -m lowvram_kontext", description="FLUX.1 Kontext [dev] image editing")
     parser.add_argument("--version", action="version", version=f"lowvram_kontext {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for command in SUBCOMMANDS:

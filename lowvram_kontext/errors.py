@@ -15,3 +15,7 @@ class WeightFileError(KontextError):
 
 class ImageError(KontextError):
     """An input image is missing or cannot be decoded."""
+
+
+class Cancelled(KontextError):
+    """An edit was stopped at a sampling step because its cancellation was asked for; nothing was written."""
