@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,12 @@ import torch
 from .demo import demo_image
 from .errors import KontextError
 from .hardware import GIB, MIB, Machine, cap_allocator, detect, process_vram_bytes
+from .lora import LoraSpec, LoraStack
 from .pipeline import KontextPipeline, ModelPaths, default_dtype
 from .planner import ModelSizes, Plan, Profile, load_profiles, plan
 from .progress import Progress
 from .prompt_cache import PromptCache
-from .synthetic import stored_format, synthetic_model
+from .synthetic import stored_format, synthetic_lora, synthetic_model
 
 PROMPT = "Add a small red hat to the cat"
 SESSION_PROMPT = "Make it a snowy night"  # the session's second edit; its third repeats it
@@ -64,6 +65,7 @@ class BenchSettings:
     small: bool = False
     session: bool = False  # after the measured edit, two more on the same pipeline (new prompt, repeated prompt)
     references: int = 0  # reference images beside the input (--ref), each at the edit's size
+    lora_rank: int = 0  # a random LoRA of this rank on every layer of every transformer block (0: none)
 
 
 @dataclass
@@ -338,7 +340,7 @@ class _Bench:
         s = self.settings
         settings = {
             "profiles": [r.profile for r in rows], "budget_bytes": s.budget_bytes, "width": s.width,
-            "height": s.height, "steps": s.steps, "warmup": s.warmup, "small": s.small,
+            "height": s.height, "steps": s.steps, "warmup": s.warmup, "small": s.small, "lora_rank": s.lora_rank,
             "synthetic_dir": str(s.cache_dir), "prompt": PROMPT, "guidance": GUIDANCE, "seed": SEED,
         }  # fmt: skip
         return BenchReport(self.machine_facts(), settings, rows, self.notes)
@@ -381,6 +383,8 @@ class _Bench:
         except OSError as err:
             raise KontextError(f"{s.cache_dir}: cannot write the synthetic weights ({err.strerror or err})") from None
         sizes = ModelSizes.from_files(paths.transformer, paths.t5, paths.clip, paths.vae)
+        loras = self.loras(paths)
+        sizes = replace(sizes, adapters=loras.adapter_bytes())
         result, budget, lifted = self.plan_for(name, reference, sizes)
         transformer = result.stage("transformer")
         row = Row(
@@ -399,11 +403,20 @@ class _Bench:
         if not result.fits:
             row.error = "the plan does not fit: " + "; ".join(result.why_not())
         else:
-            self.measure(row, result, paths, budget)
+            self.measure(row, result, paths, budget, loras)
         self.say(f"{name}: " + (f"{row.seconds_per_step:.3f} s/step" if row.completed else f"failed: {row.error}"))
         return row
 
-    def measure(self, row: Row, result: Plan, paths: ModelPaths, budget: int | None) -> None:
+    def loras(self, paths: ModelPaths) -> LoraStack:
+        """The synthetic LoRA of ``lora_rank`` (none at 0), read for the model at ``paths``."""
+        s = self.settings
+        specs = []
+        if s.lora_rank:
+            self.say(f"synthetic rank-{s.lora_rank} LoRA on every transformer block layer")
+            specs.append(LoraSpec(synthetic_lora(s.cache_dir, s.lora_rank, s.small)))
+        return LoraStack.of_files(specs, paths.transformer, paths.clip, paths.t5)
+
+    def measure(self, row: Row, result: Plan, paths: ModelPaths, budget: int | None, loras: LoraStack) -> None:
         """Run one edit under ``result`` and fill ``row``; running out of memory is recorded, not raised."""
         s = self.settings
         probe = _Probe(self.device, self.read_vram)
@@ -416,7 +429,7 @@ class _Bench:
                 cache = PromptCache(s.cache_dir / "prompts") if s.session else None
                 pipeline = KontextPipeline(
                     paths, self.device, self.dtype, probe, plan=result, cache_dir=s.cache_dir,
-                    keep_weights=s.session, prompt_cache=cache,
+                    keep_weights=s.session, prompt_cache=cache, loras=loras,
                 )  # fmt: skip
                 if cache is not None:
                     cache.clear()  # the first edit runs the text encoders, as a fresh run's would

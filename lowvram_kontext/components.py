@@ -61,7 +61,8 @@ class Components:
     stages say. With ``keep_weights`` nothing is dropped: a component leaving the device is parked
     in host memory, the streamed ones as packed (pinned, within the profile's cap) host copies of
     all their blocks, so parking copies nothing and coming back is one upload per block.
-    ``on_load(name, seconds)`` hears of each load from disk.
+    ``on_load(name, seconds)`` hears of each load from disk; ``after_load(name, model)`` may add to a
+    model just loaded, before it goes anywhere (LoRAs).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class Components:
         keep_weights: bool = False,
         cache_dir: Path | None = None,
         on_load: Callable[[str, float], None] = lambda name, seconds: None,
+        after_load: Callable[[str, nn.Module], None] = lambda name, model: None,
     ) -> None:
         self.files = dict(files)
         self.device = device
@@ -83,6 +85,7 @@ class Components:
         self.keep_weights = keep_weights
         self.cache_dir = cache_dir
         self.on_load = on_load
+        self.after_load = after_load
         self.pool = ScratchPool()
         self._held: dict[str, nn.Module] = {}  # loaded components, on the device or parked on the host
         self._engines: dict[str, StreamingEngine] = {}  # of components on the device, or parked with keep_weights
@@ -97,6 +100,25 @@ class Components:
     def loaded(self) -> list[str]:
         """The components in memory, on the device or parked on the host."""
         return sorted(self._held)
+
+    def held(self, name: str) -> nn.Module | None:
+        """Component ``name`` if it is loaded (on the device or parked), else None."""
+        return self._held.get(name)
+
+    def change(self, name: str, change: Callable[[nn.Module], None]) -> None:
+        """Let ``change`` add or take tensors of the loaded component ``name`` (nothing before it is loaded).
+
+        A streaming engine packed the component's tensors as they were: it is closed (its tensors view
+        host memory again; nothing is read from disk) and the next ``acquire`` packs them anew.
+        """
+        model = self._held.get(name)
+        if model is None:
+            return
+        engine = self._engines.pop(name, None)
+        if engine is not None:
+            engine.close()
+            self._on_device.discard(name)
+        change(model)
 
     def engine(self, name: str) -> StreamingEngine | None:
         """The streaming engine of component ``name``, if it has one."""
@@ -173,6 +195,7 @@ class Components:
         start = time.perf_counter()
         with self.progress.stage(f"load {COMPONENTS[name].label}"):
             model = load_component(name, self.files[name], self.dtype, device, storage, pool=self.pool)
+            self.after_load(name, model)
         self.on_load(name, time.perf_counter() - start)
         return model
 

@@ -21,6 +21,9 @@ from PIL import Image
 from . import images, sampling
 from .components import Components
 from .errors import KontextError
+from .lora import Lora, LoraSpec, LoraStack
+from .lora import apply as lora_apply
+from .lora import attach as attach_lora
 from .models.autoencoder import AutoEncoderConfig
 from .planner import Plan
 from .progress import Progress
@@ -155,6 +158,7 @@ class KontextPipeline:
         replan: Callable[[str], Plan] | None = None,
         keep_weights: bool = False,
         prompt_cache: PromptCache | None = None,
+        loras: LoraStack | None = None,
     ):
         """``replan(profile_name)`` gives the plan of another profile: the fallback after running out of memory.
 
@@ -165,6 +169,8 @@ class KontextPipeline:
         ``Components``). Without it the text encoders and, under a plan, the transformer are dropped
         once used, which keeps host memory lowest.
         With a ``prompt_cache`` a prompt seen before with the same text encoders skips them entirely.
+        ``loras`` are applied to each component as it is loaded; ``add_lora``, ``remove_lora`` and
+        ``set_lora_strength`` change them between edits without loading anything again.
         """
         self.paths = paths
         self.device = torch.device(device)
@@ -173,14 +179,16 @@ class KontextPipeline:
         self.replan = replan
         self.keep_weights = keep_weights
         self.prompt_cache = prompt_cache
+        self.loras = loras if loras is not None else LoraStack.of_files((), paths.transformer, paths.clip, paths.t5)
         self._encoder_identity: str | None = None
         self.stats = PipelineStats()
         self._tokenizers = load_tokenizers(paths.tokenizers)
         self._vae_config = vae_config(paths.vae)
         files = {name: getattr(paths, name) for name in COMPONENTS}
         self.components = Components(
-            files, self.device, dtype, self.progress, plan, keep_weights, cache_dir, on_load=self._loaded
-        )
+            files, self.device, dtype, self.progress, plan, keep_weights, cache_dir, on_load=self._loaded,
+            after_load=lambda name, model: self.loras.apply(name, model, dtype),
+        )  # fmt: skip
 
     @property
     def plan(self) -> Plan | None:
@@ -194,6 +202,40 @@ class KontextPipeline:
 
     def _loaded(self, name: str, seconds: float) -> None:
         self.stats.load_seconds[name] = seconds
+
+    def add_lora(self, spec: LoraSpec) -> Lora:
+        """Read the LoRA of ``spec`` and apply it from the next edit on; loaded weights stay as they are."""
+        lora = self.loras.read(spec)
+        self.loras.add(lora)
+        for component in lora.updates:
+            self.components.change(component, lambda model, c=component: attach_lora(lora, c, model, self.dtype))
+        self._replan_for_loras()
+        return lora
+
+    def remove_lora(self, name: str) -> Lora:
+        """Stop applying the LoRA ``name``; loaded weights stay as they are."""
+        lora = self.loras.get(name)
+        self.loras.remove(lora)
+        for component in lora.updates:
+            self.components.change(component, lambda model: lora_apply.detach(model, lora.key))
+        self._replan_for_loras()
+        return lora
+
+    def set_lora_strength(self, name: str, strength: float) -> Lora:
+        """Re-weight the LoRA ``name``: one number per adapted layer, nothing moves."""
+        lora = self.loras.get(name)
+        lora.strength = strength
+        for component in lora.updates:
+            model = self.components.held(component)
+            if model is not None:
+                lora_apply.set_strength(model, lora.key, strength)
+        return lora
+
+    def _replan_for_loras(self) -> None:
+        """The same profile planned again, counting the LoRAs now in use (its formats, hence the loaded
+        weights, stay; the components the change touched are packed again for their next stage)."""
+        if self.plan is not None and self.replan is not None:
+            self.components.plan = self.replan(self.plan.profile.name)
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -245,7 +287,8 @@ class KontextPipeline:
         if self._encoder_identity is None:
             tokenizers = [self.paths.tokenizers / "tokenizer", self.paths.tokenizers / "tokenizer_2"]
             self._encoder_identity = encoder_identity([self.paths.t5, self.paths.clip, *tokenizers])
-        return cache_key(prompt, self._encoder_identity, self.dtype)
+        loras = self.loras.text_identity()  # "" without LoRAs on the text encoders: keys as before
+        return cache_key(prompt, f"{self._encoder_identity}|{loras}" if loras else self._encoder_identity, self.dtype)
 
     def output_size(self, image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
         """The (width, height) to edit ``image`` at (see ``output_size``)."""

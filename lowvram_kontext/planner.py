@@ -506,6 +506,20 @@ def read_file_weights(name: str, path: Path) -> tuple[Any, FileWeights]:
 
 
 @dataclass(frozen=True)
+class AdapterBytes:
+    """A component's LoRA factors (held beside its weights, in the compute dtype): bytes per block in run
+    order, which travel with their block, and bytes of layers outside the blocks, always resident."""
+
+    blocks: tuple[int, ...] = ()
+    rest: int = 0
+
+    def added_to(self, block_bytes: Sequence[int]) -> list[int]:
+        """``block_bytes`` with each block's LoRA bytes added."""
+        extra = self.blocks or (0,) * len(block_bytes)
+        return [size + more for size, more in zip(block_bytes, extra, strict=True)]
+
+
+@dataclass(frozen=True)
 class ModelSizes:
     """The components' sizes and what their files hold; the defaults are FLUX.1 Kontext [dev] in bf16."""
 
@@ -517,6 +531,7 @@ class ModelSizes:
     t5_file: FileWeights = FileWeights()
     clip_file: FileWeights = FileWeights()
     t5_tokens: int = 512  # prompts are padded to this length
+    adapters: Mapping[str, AdapterBytes] = field(default_factory=dict)  # LoRAs, by component
 
     @classmethod
     def from_files(
@@ -780,7 +795,8 @@ class Plan:
             f"predicted {self.seconds_per_step:.3f} s/step = max(compute {self.compute_seconds:.3f}, "
             f"transfer {self.transfer_seconds:.3f} at {link}) + dequantize {self.dequant_seconds:.3f}",
             f"host: pinned {gib(self.host.pinned)}, pageable {gib(self.host.pageable)}, "
-            f"mapped {gib(self.host.mapped)}" + (f", disk {gib(self.host.disk)}" if self.host.disk else "")
+            f"mapped {gib(self.host.mapped)}"
+            + (f", disk {gib(self.host.disk)}" if self.host.disk else "")
             + (" (the whole model kept for successive edits)" if self.keeps_weights else ""),
             "peak by what holds it:",
         ]
@@ -791,9 +807,7 @@ class Plan:
             lines += ["", "profiles compared (fitting ones fastest first):"]
             for c in self.candidates:
                 status = "fits" if c.fits else "no: " + "; ".join(c.problems)
-                lines.append(
-                    f"  {c.name:<14} {c.seconds_per_step:7.3f} s/step  peak {gib(c.peak_bytes):>10}  {status}"
-                )
+                lines.append(f"  {c.name:<14} {c.seconds_per_step:7.3f} s/step  peak {gib(c.peak_bytes):>10}  {status}")
         lines.append("(predictions from the memory model in lowvram_kontext/planner.py, to be checked by measurement)")
         return "\n".join(lines)
 
@@ -891,7 +905,11 @@ def _streamed_stage(
     else:
         sizes = {part: part.nbytes(fmt) for part in set(blocks)}
         block_bytes = [sizes[part] for part in blocks]
+    adapters = ctx.model.adapters.get(name, AdapterBytes())
+    block_bytes = adapters.added_to(block_bytes)
     terms = {**ctx.base_terms, **fixed, "dequant scratch": ctx.scratch([*blocks, rest], fmt)}
+    if adapters.rest:
+        terms["LoRAs outside the blocks"] = adapters.rest
     room = ctx.budget - sum(terms.values())
     resident = _residency(settings.resident_blocks, block_bytes, settings.prefetch, room)
     streamed = block_bytes[resident:]
@@ -950,7 +968,7 @@ def _profile_plan(ctx: _Context) -> Plan:
     clip = clip_part(model.clip)
     clip_terms = {
         **ctx.base_terms,
-        "weights": clip.nbytes(clip_fmt),
+        "weights": clip.nbytes(clip_fmt) + model.adapters.get("clip", AdapterBytes()).rest,
         "dequant scratch": ctx.scratch([clip], clip_fmt),
         "activations": ctx.overhead(clip_activation_bytes(model.clip)),
     }
@@ -1108,6 +1126,7 @@ def plan(
     step = GIB // 10
     smallest: dict[str, int] = {}
     for name, profile in profiles.items():
+
         def fits(tenths: int, profile: Profile = profile) -> bool:
             card = replace(machine, vram_total=tenths * step, vram_free=tenths * step)
             return plan_for(profile, card).fits

@@ -260,3 +260,32 @@ def synthetic_model(
             lambda path, c=component: write_synthetic(c, path, config(c), seed),
         )
     return ModelPaths(tokenizers=tokenizers, **files)
+
+
+def synthetic_lora(root: Path, rank: int, small: bool = False, seed: int = 0) -> Path:
+    """A random rank-``rank`` LoRA (kohya names, bf16, no alpha: scale 1) on every linear layer of every
+    transformer block, for measuring what a LoRA costs; written once under ``root``."""
+    config = TINY_FLUX if small else FULL_SIZE["transformer"]()
+    path = Path(root) / ("small" if small else "full") / f"lora-rank{rank}.safetensors"
+    if path.exists():
+        return path
+    with torch.device("meta"):
+        model = COMPONENTS["transformer"].model(config)
+    layers = [
+        (name, tuple(module.weight.shape))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(COMPONENTS["transformer"].block_prefixes)
+    ]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, (rows, columns) in layers:
+        key = "lora_unet_" + name.replace(".", "_")
+        shapes.update({f"{key}.lora_down.weight": (rank, columns), f"{key}.lora_up.weight": (rows, rank)})
+    entries = [(name, torch.bfloat16, shape) for name, shape in shapes.items()]
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(name: str) -> torch.Tensor:
+        return random_weight(name, shapes[name], generator, torch.bfloat16) * (0.01 if "lora_up" in name else 1)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors_streaming(path, entries, tensor, {"synthetic": "random"})
+    return path

@@ -182,6 +182,8 @@ class Editor:
             text["earlier prompts"] = json.dumps(list(prompts[:-1]))
         if self.reference_names:
             text["references"] = json.dumps(list(self.reference_names))
+        if len(p.loras):
+            text["loras"] = json.dumps([{"file": str(lora.path), "strength": lora.strength} for lora in p.loras])
         return text
 
     def write(self, image: Image.Image, path: Path, prompts: Sequence[str], source: str) -> Path:

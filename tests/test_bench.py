@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lowvram_kontext.synthetic import payload_layout, random_stored, write_synth
 from lowvram_kontext.tiny import TINY_T5_WIDTH
 from lowvram_kontext.weights.compressed_linear import CompressedLinear
 from lowvram_kontext.weights.loading import load_component
+from lowvram_kontext.weights.safetensors_file import SafetensorsFile
 
 SIZE = 32
 ARGS = ["bench", "--synthetic", "--small", "--width", str(SIZE), "--height", str(SIZE), "--steps", "2", "--warmup", "1"]
@@ -232,3 +234,27 @@ def test_session_mode_times_later_edits_on_the_kept_pipeline(
     assert row["session_kept_on_device"] == [["clip", "t5", "transformer", "vae"]] * 2  # the card holds them all
     out = capsys.readouterr().out
     assert "session resident-nf4: edit 2 " in out and "text encoders skipped (repeated prompt)" in out
+
+
+def test_lora_rank_applies_a_synthetic_lora_on_every_block_and_plans_its_bytes(tmp_path: Path) -> None:
+    from lowvram_kontext import cli
+
+    def run(rank: int) -> dict:
+        out = tmp_path / f"lora{rank}.json"
+        argv = ["bench", "--synthetic", "--small", "--profiles", "resident-nf4", "--steps", "1", "--warmup", "0",
+                "--width", "32", "--height", "32", "--cache-dir", str(tmp_path / "c"), "--json", str(out),
+                "--lora-rank", str(rank)]  # fmt: skip
+        assert cli.main(argv) == 0
+        return json.loads(out.read_text())
+
+    plain, with_lora = run(0), run(8)
+    assert with_lora["settings"]["lora_rank"] == 8
+    row = with_lora["rows"][0]
+    assert row["completed"]
+    lora = tmp_path / "c" / "small" / "lora-rank8.safetensors"
+    file = SafetensorsFile(lora)
+    # every linear layer of the 2 double (10 each) and 3 single (3 each) blocks: down and up
+    assert len(file.keys()) == 2 * (2 * 10 + 3 * 3)
+    # its factors are counted with their blocks (all resident here), in bf16
+    added = row["predicted_peak_bytes"]["transformer"] - plain["rows"][0]["predicted_peak_bytes"]["transformer"]
+    assert added == sum(2 * math.prod(file.shape(n)) for n in file.keys())

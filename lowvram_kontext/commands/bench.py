@@ -41,6 +41,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--refs", type=int, default=0, help="reference images beside the input, as --ref adds them (default 0)"
     )
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="apply a random rank-R LoRA to every layer of every transformer block (measures a LoRA's cost)",
+    )
     parser.add_argument("--small", action="store_true", help="the tiny model instead of the full-size one (CPU tests)")
     parser.set_defaults(run=run)
 
@@ -56,6 +63,8 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
         raise KontextError(f"--steps must be at least 1 and --warmup at least 0 (got {args.steps}, {args.warmup})")
     if args.refs < 0:
         raise KontextError(f"--refs must be at least 0 (got {args.refs})")
+    if args.lora_rank < 0:
+        raise KontextError(f"--lora-rank must be 0 (no LoRA) or more (got {args.lora_rank})")
     names = [n.strip() for n in (args.profiles or "").split(",") if n.strip()]
     return bench.BenchSettings(
         profiles=tuple(dict.fromkeys(names)),
@@ -68,6 +77,7 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
         small=args.small,
         session=args.session,
         references=args.refs,
+        lora_rank=args.lora_rank,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from PIL import Image
 from .. import demo, images, workflow
 from ..errors import KontextError
 from ..hardware import cap_allocator, parse_size
+from ..lora import LoraStack
 from ..paths import cache_dir
 from ..pipeline import (
     DEFAULT_GUIDANCE,
@@ -30,10 +32,12 @@ from ..progress import Progress
 from ..prompt_cache import PromptCache
 from ..workflow import Editor, OutputNames, Refused
 from .options import (
+    add_lora_options,
     add_model_options,
     add_plan_options,
     add_reference_options,
     chosen_profile,
+    lora_stack,
     model_paths,
     planning_machine,
     reference_images,
@@ -65,6 +69,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 def add_edit_options(parser: argparse.ArgumentParser) -> None:
     """Model files, sampling, precision, device, memory plan, output filter and verbosity: shared with `session`."""
     add_model_options(parser)
+    add_lora_options(parser)
     add_reference_options(parser)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
@@ -101,10 +106,16 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _plan(
-    args: argparse.Namespace, paths: ModelPaths, device: torch.device, keep_weights: bool, width: int, height: int
+    args: argparse.Namespace,
+    paths: ModelPaths,
+    device: torch.device,
+    keep_weights: bool,
+    loras: LoraStack,
+    width: int,
+    height: int,
 ) -> tuple[Plan | None, Callable[[str], Plan] | None]:
     """The memory plan for a GPU (or for --vram-budget) and how to plan another profile; the allocator
-    is capped to the budget. A CPU runs whole: (None, None)."""
+    is capped to the budget. A CPU runs whole: (None, None). Plans count the ``loras`` in use then."""
     on_gpu = device.type == "cuda"
     machine = planning_machine(args, paths.transformer) if on_gpu or args.vram_budget else None
     if machine is None:
@@ -118,8 +129,9 @@ def _plan(
     sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
 
     def replan(profile_name: str | None) -> Plan:
+        with_loras = replace(sizes, adapters=loras.adapter_bytes())  # the LoRAs in use when planning
         return plan(
-            machine, profiles, width, height, sizes, profile_name, keep_weights=keep_weights,
+            machine, profiles, width, height, with_loras, profile_name, keep_weights=keep_weights,
             references=len(args.ref),
         )  # fmt: skip
 
@@ -144,9 +156,10 @@ def open_pipeline(
     """
     dtype = _dtype(args.dtype, device)
     paths = model_paths(args)
+    loras = lora_stack(args, paths)
     cache = None if args.no_prompt_cache else PromptCache(args.prompt_cache)
     size = output_size(image, args.width, args.height, vae_grid(vae_config(paths.vae)))
-    chosen, replan = _plan(args, paths, device, several, *size)
+    chosen, replan = _plan(args, paths, device, several, loras, *size)
     if chosen is not None:
         progress.say(
             f"profile {chosen.profile.name}: predicted peak {chosen.peak_bytes / 2**30:.2f} GiB, "
@@ -163,6 +176,7 @@ def open_pipeline(
         replan=replan,
         keep_weights=several,
         prompt_cache=cache,
+        loras=loras,
     )
     progress.say(workflow.NOTICE)
     return pipeline

@@ -9,6 +9,7 @@ from PIL import Image
 
 from .. import images
 from ..hardware import Machine, detect, parse_size
+from ..lora import LoraSpec, LoraStack
 from ..pipeline import ModelPaths
 from ..planner import Profile, load_profile_file
 
@@ -46,6 +47,23 @@ def add_reference_options(parser: argparse.ArgumentParser) -> None:
 def reference_images(args: argparse.Namespace) -> list[Image.Image]:
     """The --ref images, loaded and checked (one clear line for a missing or unreadable file)."""
     return [images.load_image(path) for path in args.ref]
+
+
+def add_lora_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="apply a LoRA (kohya, diffusers/PEFT, ComfyUI, XLabs .safetensors) at this strength (default 1); "
+        "give it again for more",
+    )
+
+
+def lora_stack(args: argparse.Namespace, paths: ModelPaths) -> LoraStack:
+    """The LoRAs of ``--lora``, every file read and checked against the model before anything loads."""
+    specs = [LoraSpec.parse(text) for text in args.lora]
+    return LoraStack.of_files(specs, paths.transformer, paths.clip, paths.t5)
 
 
 def add_plan_options(parser: argparse.ArgumentParser) -> None:

@@ -13,12 +13,16 @@ from PIL import Image
 
 from .. import images, workflow
 from ..errors import KontextError
+from ..lora import LoraSpec, strength
 from ..pipeline import resolve_device
 from ..progress import Progress
 from ..workflow import Editor, Refused
 from .edit import add_edit_options, editor, open_pipeline, start
 
-HELP = "one instruction per line; 'undo' steps back, 'save NAME' writes NAME.png, 'quit' (or end of input) ends"
+HELP = (
+    "one instruction per line; 'undo' steps back, 'save NAME' writes NAME.png, 'quit' (or end of input) ends; "
+    "'lora' lists the LoRAs, 'lora add FILE[:STRENGTH]', 'lora set NAME STRENGTH', 'lora rm NAME' change them"
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -73,9 +77,11 @@ class Session:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
 
     def handle(self, line: str) -> None:
-        """One line: ``undo``, ``save NAME``, or an instruction."""
+        """One line: ``undo``, ``save NAME``, ``lora ...``, or an instruction."""
         current = self.history[-1]
-        if line == "undo":
+        if line == "lora" or line.startswith("lora "):
+            self.lora(line.removeprefix("lora").strip())
+        elif line == "undo":
             if len(self.history) == 1:
                 raise KontextError("nothing to undo: this is the starting image")
             self.history.pop()
@@ -89,6 +95,37 @@ class Session:
             self.editor.write(image, path, prompts, self.source)
             self.number += 1
             self.history.append(Step(image, prompts))
+
+    def lora(self, text: str) -> None:
+        """``lora`` lists the LoRAs; ``lora add FILE[:S]``, ``lora set NAME S``, ``lora rm NAME`` change them.
+
+        Nothing is loaded again: the next edit runs with the change (a new LoRA's file is read and
+        checked at once; re-weighting changes only numbers).
+        """
+        pipeline = self.editor.pipeline
+        command, _, rest = text.partition(" ")
+        rest = rest.strip()
+        args = rest.split()
+        if not command:
+            for line in [lora.describe() for lora in pipeline.loras] or ["no LoRAs"]:
+                print(line, file=sys.stderr, flush=True)
+        elif command == "add" and rest:
+            lora = pipeline.add_lora(LoraSpec.parse(rest))
+            self.progress.say(f"LoRA added: {lora.describe()}")
+        elif command == "set" and len(args) == 2:
+            try:
+                value = strength(args[1])
+            except ValueError:
+                raise KontextError(f"lora set: {args[1]!r} is not a strength (a number such as 0.8)") from None
+            lora = pipeline.set_lora_strength(args[0], value)
+            self.progress.say(f"LoRA {lora.name}: strength {lora.strength:g}")
+        elif command in ("rm", "remove") and len(args) == 1:
+            lora = pipeline.remove_lora(args[0])
+            self.progress.say(f"LoRA removed: {lora.name}")
+        else:
+            raise KontextError(
+                "lora commands: 'lora', 'lora add FILE[:STRENGTH]', 'lora set NAME STRENGTH', 'lora rm NAME'"
+            )
 
     def save(self, name: str) -> None:
         current = self.history[-1]

@@ -4,7 +4,8 @@ The weight is dequantized on the device holding its bytes, into a scratch buffer
 dtype taken from a ``ScratchPool`` (one buffer per device and dtype, grown to the largest weight
 and reused by every layer), then ``F.linear`` runs; a weight stored plain in the input's dtype is
 used as it is. The buffer is overwritten by the next layer, so these layers are for inference:
-nothing may keep a reference to the dequantized weight.
+nothing may keep a reference to the dequantized weight. Low-rank updates (LoRAs, see ``lora``) hang
+below a layer in ``adapters`` and add their term to its output; the weight itself never changes.
 """
 
 from __future__ import annotations
@@ -60,22 +61,20 @@ class CompressedLinear(nn.Module):
 
     PAYLOAD_BUFFERS = {"data": "weight_data", "scale": "weight_scale", "absmax": "weight_absmax"}
 
-    def __init__(
-        self, weight: QuantizedTensor, bias: torch.Tensor | None = None, pool: ScratchPool | None = None
-    ):
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None, pool: ScratchPool | None = None):
         super().__init__()
         if len(weight.shape) != 2:
             raise WeightFileError(f"a linear weight must have two dimensions, got shape {list(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise WeightFileError(
-                f"bias of shape {list(bias.shape)} does not fit {self.out_features} outputs"
-            )
+            raise WeightFileError(f"bias of shape {list(bias.shape)} does not fit {self.out_features} outputs")
         self.format = weight.format
         for field, buffer in self.PAYLOAD_BUFFERS.items():
             self.register_buffer(buffer, getattr(weight, field))
         self.register_buffer("bias", bias)
         self.pool = DEFAULT_POOL if pool is None else pool
+        # Each has ``add_to(x, out)``; as child modules their factors belong to the layer's block.
+        self.adapters = nn.ModuleDict()
 
     @classmethod
     def from_linear(
@@ -107,7 +106,10 @@ class CompressedLinear(nn.Module):
             scratch = self.pool.take(compressed.shape, x.dtype, compressed.device)
             weight = compressed.dequantize(x.dtype, out=scratch)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        out = F.linear(x, weight, bias)
+        for adapter in self.adapters.values():
+            out = adapter.add_to(x, out)
+        return out
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CompressedLinear:
         # Probe with an integer tensor: it follows device moves but never dtype casts.

@@ -168,9 +168,7 @@ def _rules(config: FluxConfig) -> list[_Rule]:
             rules += _linear(
                 f"{dst}.{stream}_attn.qkv", tuple(f"{src}.attn.{p}" for p in qkv), (h, h, h), config.qkv_bias
             )
-            rules += _qk_norm(
-                f"{dst}.{stream}_attn.norm", f"{src}.attn.{norms[0]}", f"{src}.attn.{norms[1]}", d
-            )
+            rules += _qk_norm(f"{dst}.{stream}_attn.norm", f"{src}.attn.{norms[0]}", f"{src}.attn.{norms[1]}", d)
             rules += _rename(f"{dst}.{stream}_attn.proj", f"{src}.attn.{proj}", h)
             rules += _rename(f"{dst}.{stream}_mlp.0", f"{src}.{ff}.net.0.proj", mlp)
             rules += _rename(f"{dst}.{stream}_mlp.2", f"{src}.{ff}.net.2", h)
@@ -239,3 +237,26 @@ def flux_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: FluxConfig
             out.update(zip(rule.parts, (p.clone() for p in tensor.split(rule.rows, dim=0)), strict=True))
     _check_all_used(state_dict, {rule.bfl for rule in rules}, "flux state dict")
     return out
+
+
+@dataclass(frozen=True)
+class LinearPart:
+    """Where a diffusers linear layer lies in a BFL one: the rows from ``row`` on (halves swapped or not)."""
+
+    bfl: str  # the BFL layer's name, without ".weight"
+    row: int
+    rows: int
+    swapped: bool
+
+
+def diffusers_linears(config: FluxConfig) -> dict[str, LinearPart]:
+    """Every linear layer of a diffusers transformer, by name, and its place in the BFL layer holding it."""
+    parts: dict[str, LinearPart] = {}
+    for rule in _rules(config):
+        if not rule.bfl.endswith(".weight"):
+            continue
+        row = 0
+        for part, rows in zip(rule.parts, rule.rows, strict=True):
+            parts[part.removesuffix(".weight")] = LinearPart(rule.bfl.removesuffix(".weight"), row, rows, rule.swapped)
+            row += rows
+    return parts
