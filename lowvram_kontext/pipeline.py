@@ -496,9 +496,25 @@ def output_size(image: Image.Image, width: int | None, height: int | None, grid:
     return width // grid * grid, height // grid * grid
 
 
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BF16_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 arithmetic
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU (as the reference runs), float32 on a CPU (bf16 matmuls are slow there)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bf16 on a GPU that has it (as the reference runs), float16 on older GPUs (Pascal, Turing: the
+    models guard its overflows), float32 on a CPU (bf16 matmuls are slow there)."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= BF16_CAPABILITY else torch.float16
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype ``name`` (bfloat16, float16, float32) denotes; "auto" is ``default_dtype``."""
+    if name == "auto":
+        return default_dtype(device)
+    if name not in COMPUTE_DTYPES:
+        raise KontextError(f"unknown --dtype {name!r}: choose auto or one of {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -135,6 +135,41 @@ def test_bf16_follows_float32() -> None:
     assert rel_err(out, expected) < 3e-2
 
 
+def half_inputs(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.half() if k in ("img", "txt", "y") else v for k, v in inp.items()}
+
+
+def test_float16_follows_float32() -> None:
+    model, _ = tiny_model()
+    inp = kontext_inputs()
+    expected = run_ours(model, inp)
+    out = run_ours(model.half(), half_inputs(inp))
+    assert out.dtype == torch.float16
+    assert rel_err(out, expected) < 5e-3  # closer than bf16 (its mantissa is 3 bits longer)
+
+
+def test_float16_guard_keeps_overflowing_residuals_finite() -> None:
+    """MLP and linear2 outputs scaled so that the residual streams pass fp16's largest value (65504)."""
+    _, sd = tiny_model()
+    scaled = {k: v * 20000 if k.endswith(("img_mlp.2.weight", "txt_mlp.2.weight", "linear2.weight")) else v
+              for k, v in sd.items()}  # fmt: skip
+    model = FluxTransformer(TINY).eval()
+    model.load_state_dict(scaled)
+    largest: list[float] = []
+    for block in (*model.double_blocks, *model.single_blocks):
+        block.register_forward_hook(lambda _m, _a, out: largest.append(max(t.abs().max().item() for t in out)))
+    inp = kontext_inputs()
+    expected = run_ours(model, inp)
+    assert max(largest) > 2 * torch.finfo(torch.float16).max and expected.isfinite().all()
+    model.half()
+    guarded = run_ours(model, half_inputs(inp))
+    model.float16_residual_in_float32 = False
+    unguarded = run_ours(model, half_inputs(inp))
+    assert not unguarded.isfinite().all()
+    assert guarded.dtype == torch.float16 and guarded.isfinite().all()
+    assert rel_err(guarded, expected) < 5e-3
+
+
 def test_diffusers_round_trip_is_exact() -> None:
     _, sd = tiny_model()
     back = flux_from_diffusers(from_tensors(flux_to_diffusers(sd, TINY)), TINY)

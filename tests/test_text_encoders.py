@@ -175,6 +175,49 @@ def test_t5_blocks_run_in_order_and_linears_are_opaque() -> None:
     assert relative_error(got, expected) < 1e-4
 
 
+def test_t5_float16_follows_float32() -> None:
+    config = T5Config(vocab_size=128, **TINY_T5)
+    ours, reference = t5_pair(config, seed=3)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).last_hidden_state
+        got = ours.half()(ids)
+    assert got.dtype == torch.float16
+    assert relative_error(got.float(), expected) < 5e-3
+
+
+@pytest.mark.parametrize("factor", [100.0, 300.0])
+def test_t5_float16_guard_keeps_feed_forward_finite(factor: float) -> None:
+    """wi_0 and wi_1 scaled so that the gated product fed to wo passes fp16's largest value (65504).
+
+    transformers' own float16 T5 clamps its hidden states: at these scales its output is 19% off
+    (x100) or not finite (x300); the guard keeps ours within fp16 rounding of the float32 reference.
+    """
+    config = T5Config(vocab_size=128, **TINY_T5)
+    ours, reference = t5_pair(config, seed=3)
+    with torch.no_grad():
+        for model in (ours, reference):
+            for name, param in model.named_parameters():
+                if ".wi_0." in name or ".wi_1." in name:
+                    param.mul_(factor)
+    products: list[float] = []
+    ours.encoder.block[0].layer[1].DenseReluDense.wo.register_forward_pre_hook(
+        lambda _m, args: products.append(args[0].abs().max().item())
+    )
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).last_hidden_state
+        assert relative_error(ours(ids), expected) < 1e-4
+        assert products[0] > torch.finfo(torch.float16).max
+        ours.half()
+        guarded = ours(ids)
+        ours.float16_residual_in_float32 = False
+        unguarded = ours(ids)
+    assert not unguarded.isfinite().all()
+    assert guarded.dtype == torch.float16 and guarded.isfinite().all()
+    assert relative_error(guarded.float(), expected) < 5e-3
+
+
 def test_t5_configs() -> None:
     assert t5_config_from_transformers(KONTEXT_T5_CONFIG) == T5Config()
     config = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_heads=4,

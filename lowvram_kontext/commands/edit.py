@@ -21,7 +21,7 @@ from ..pipeline import (
     DEFAULT_STEPS,
     KontextPipeline,
     ModelPaths,
-    default_dtype,
+    compute_dtype,
     output_size,
     resolve_device,
     vae_config,
@@ -42,8 +42,6 @@ from .options import (
     planning_machine,
     reference_images,
 )
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -77,7 +75,9 @@ def add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="output width (default: Kontext's preferred size for the input)")
     parser.add_argument("--height", type=int, help="output height")
     parser.add_argument(
-        "--dtype", default="auto", help="bfloat16 or float32 (default: bfloat16 on GPU, float32 on CPU)"
+        "--dtype",
+        default="auto",
+        help="bfloat16, float16 or float32 (default: bfloat16 on GPUs with it, float16 on older ones, float32 on CPU)",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add_plan_options(parser)
@@ -95,14 +95,6 @@ def add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prompt-cache", action="store_true", help="always run the text encoders")
     parser.add_argument("--quiet", action="store_true", help="print only the output paths")
     parser.add_argument("--verbose", action="store_true", help="also print the memory plan and per-stage GPU peaks")
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return default_dtype(device)
-    if name not in DTYPES:
-        raise KontextError(f"unknown --dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def _plan(
@@ -154,7 +146,7 @@ def open_pipeline(
     ``several``: the run makes more than one edit, so every component's weights stay in memory
     between edits instead of being read from disk again.
     """
-    dtype = _dtype(args.dtype, device)
+    dtype = compute_dtype(args.dtype, device)
     paths = model_paths(args)
     loras = lora_stack(args, paths)
     cache = None if args.no_prompt_cache else PromptCache(args.prompt_cache)

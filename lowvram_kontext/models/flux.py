@@ -5,6 +5,13 @@ from a ``FluxConfig`` and filled from a checkpoint. Every linear layer is a plai
 only ever called, never looked into, so it can be replaced by a compressed linear. ``forward`` runs the
 blocks of ``double_blocks`` and ``single_blocks`` by calling each block module in order, which lets a
 streaming engine attach forward hooks at block boundaries.
+
+Half precision: fp16's largest value is 65504, and FLUX.1's residual streams (image, text, and the
+joint stream of the single blocks) grow past it in the later blocks, as can the outputs of the MLPs
+and of a single block's ``linear2`` that feed them. A float16 pass (cards without bf16) therefore
+keeps the residual streams in float32: each gated update is multiplied and added there, after the
+values a linear layer overflowed to infinity are clipped back to fp16's range. Every matmul still
+runs in float16. bf16 and float32 passes are untouched (bf16 has float32's range).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from ..errors import KontextError
 _NORM_EPS = 1e-6
 _TIME_EMBED_DIM = 256
 _TIME_FACTOR = 1000.0
+_HALF_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass(frozen=True)
@@ -48,8 +56,7 @@ class FluxConfig:
             )
         if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
             raise KontextError(
-                f"flux config: RoPE axes {tuple(self.axes_dim)} must be even and add up to "
-                f"the head dim {self.head_dim}"
+                f"flux config: RoPE axes {tuple(self.axes_dim)} must be even and add up to the head dim {self.head_dim}"
             )
 
     @property
@@ -102,7 +109,15 @@ def _split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=_NORM_EPS) + shift
+    """The modulated norm of the residual ``x``, in the compute dtype (that of ``shift``)."""
+    return ((1 + scale) * F.layer_norm(x, x.shape[-1:], eps=_NORM_EPS) + shift).to(shift.dtype)
+
+
+def _add_update(x: Tensor, gate: Tensor, update: Tensor) -> Tensor:
+    """``x + gate * update``: in the float32 residual of a float16 pass, taken in float32 (see the module doc)."""
+    if x.dtype == update.dtype:
+        return x + gate * update
+    return torch.addcmul(x, gate, update.nan_to_num(posinf=_HALF_MAX, neginf=-_HALF_MAX))
 
 
 class RMSNorm(nn.Module):
@@ -209,8 +224,8 @@ def _stream_update(
 ) -> Tensor:
     """The residual updates of one stream after the joint attention."""
     _, _, gate1, shift2, scale2, gate2 = mod
-    x = x + gate1 * attn.proj(attn_out)
-    return x + gate2 * mlp(_modulate(x, shift2, scale2))
+    x = _add_update(x, gate1, attn.proj(attn_out))
+    return _add_update(x, gate2, mlp(_modulate(x, shift2, scale2)))
 
 
 class SingleStreamBlock(nn.Module):
@@ -231,7 +246,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = _split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
         out = torch.cat([attention(q, k, v, pe), F.gelu(mlp, approximate="tanh")], dim=-1)
-        return x + gate * self.linear2(out)
+        return _add_update(x, gate, self.linear2(out))
 
 
 class LastLayer(nn.Module):
@@ -250,11 +265,16 @@ class LastLayer(nn.Module):
 
 
 class FluxTransformer(nn.Module):
-    """The FLUX.1 transformer; ``state_dict()`` keys are the BFL checkpoint names."""
+    """The FLUX.1 transformer; ``state_dict()`` keys are the BFL checkpoint names.
+
+    ``float16_residual_in_float32`` (on by default) is the overflow guard of float16 passes described
+    in the module docstring; turned off, a float16 pass runs entirely in float16.
+    """
 
     def __init__(self, config: FluxConfig) -> None:
         super().__init__()
         self.config = config
+        self.float16_residual_in_float32 = True
         hidden = config.hidden_size
         self.img_in = nn.Linear(config.in_channels, hidden)
         self.time_in = MLPEmbedder(_TIME_EMBED_DIM, hidden)
@@ -288,7 +308,8 @@ class FluxTransformer(nn.Module):
         in [0, 1], ``y [B, vec_in_dim]`` pooled text, ``guidance [B]``. Computes in ``img.dtype``.
         """
         dtype = img.dtype
-        img = self.img_in(img)
+        residual = torch.float32 if dtype == torch.float16 and self.float16_residual_in_float32 else dtype
+        img = self.img_in(img).to(residual)
         vec = self.time_in(timestep_embedding(timesteps).to(dtype))
         if self.config.guidance_embed:
             if guidance is None:
@@ -297,7 +318,7 @@ class FluxTransformer(nn.Module):
                 )
             vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
         vec = vec + self.vector_in(y.to(dtype))
-        txt = self.txt_in(txt.to(dtype))
+        txt = self.txt_in(txt.to(dtype)).to(residual)
         pe = rope(torch.cat([txt_ids, img_ids], dim=1), self.config.axes_dim, self.config.theta)
 
         for block in self.double_blocks:

@@ -3,6 +3,14 @@
 Only the encoder stack: token embedding, pre-norm blocks of self-attention with a learned relative
 position bias and a gated-GELU feed-forward, final RMSNorm. Kontext reads ``last_hidden_state`` of the
 full padded prompt and gives no attention mask, so padding tokens are attended like any other.
+
+Half precision: T5-XXL's feed-forward overflows fp16 (largest value 65504): the product of the gated
+GELU and its output projection ``wo`` grow past it, and with them the residual stream. A float16 pass
+(cards without bf16) keeps the residual in float32, takes the gated product in float32 and hands ``wo``
+that product divided per token by a power of two bringing it within [-1, 1], multiplying ``wo``'s
+output back in float32; ``wo`` has no bias, so the scaling is exact. Values a linear layer overflowed
+to infinity are clipped back to fp16's range before they join the residual. Every matmul still runs
+in float16; bf16 and float32 passes are untouched.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_HALF_MAX = torch.finfo(torch.float16).max
 
 
 @dataclass(frozen=True)
@@ -39,8 +49,10 @@ class T5LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm of ``x`` in the compute dtype: ``x``'s, or the weight's for a float16 pass's float32 residual."""
+        dtype = self.weight.dtype if x.dtype == torch.float32 and self.weight.dtype == torch.float16 else x.dtype
         variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
+        return (x.float() * torch.rsqrt(variance + self.eps)).to(dtype) * self.weight.to(dtype)
 
 
 def relative_position_buckets(
@@ -116,8 +128,13 @@ class T5GatedGelu(nn.Module):
         self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+    def forward(self, x: torch.Tensor, scaled: bool = False) -> torch.Tensor:
+        """With ``scaled`` (float16 passes), the guarded computation of the module docstring, in float32."""
+        if not scaled:
+            return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+        gated = F.gelu(_finite(self.wi_0(x)).float(), approximate="tanh") * _finite(self.wi_1(x)).float()
+        scale = torch.exp2(torch.ceil(torch.log2(gated.abs().amax(dim=-1, keepdim=True).clamp(min=1.0))))
+        return _finite(self.wo((gated / scale).to(x.dtype))).float() * scale
 
 
 class T5FeedForwardLayer(nn.Module):
@@ -145,9 +162,9 @@ class T5Block(nn.Module):
         attention, feed_forward = self.layer
         if bias is None:
             bias = attention.SelfAttention.position_bias(x.shape[1], x.device)
-        x = x + attention.SelfAttention(attention.layer_norm(x), bias)
-        x = x + feed_forward.DenseReluDense(feed_forward.layer_norm(x))
-        return x, bias
+        x = _add_update(x, attention.SelfAttention(attention.layer_norm(x), bias))
+        normed = feed_forward.layer_norm(x)
+        return _add_update(x, feed_forward.DenseReluDense(normed, scaled=normed.dtype != x.dtype)), bias
 
 
 class T5Stack(nn.Module):
@@ -159,12 +176,27 @@ class T5Stack(nn.Module):
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """A float16 linear output with what overflowed to infinity clipped back to fp16's range."""
+    return x.nan_to_num(posinf=_HALF_MAX, neginf=-_HALF_MAX) if x.dtype == torch.float16 else x
+
+
+def _add_update(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``x + update``; into the float32 residual of a float16 pass, with ``update``'s overflow clipped."""
+    return x + (update if update.dtype == x.dtype else _finite(update))
+
+
 class T5Encoder(nn.Module):
-    """T5 encoder; ``state_dict`` keys are exactly those of transformers' ``T5EncoderModel``."""
+    """T5 encoder; ``state_dict`` keys are exactly those of transformers' ``T5EncoderModel``.
+
+    ``float16_residual_in_float32`` (on by default) is the overflow guard of float16 passes described
+    in the module docstring; turned off, a float16 pass runs entirely in float16.
+    """
 
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config
+        self.float16_residual_in_float32 = True
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config)
 
@@ -175,6 +207,8 @@ class T5Encoder(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids`` [B, L] -> ``last_hidden_state`` [B, L, d_model]; no attention mask."""
         x = self.shared(input_ids)
+        if x.dtype == torch.float16 and self.float16_residual_in_float32:
+            x = x.float()
         bias = None
         for block in self.encoder.block:
             x, bias = block(x, bias)
