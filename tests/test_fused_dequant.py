@@ -15,6 +15,7 @@ from importlib.util import find_spec
 import pytest
 import torch
 
+from lowvram_kontext.errors import KontextError
 from lowvram_kontext.weights.formats import (
     BlockCodec,
     PlainCodec,
@@ -117,11 +118,13 @@ def test_dequantize_on_cpu_never_takes_the_fused_route(monkeypatch):
 
 
 def test_switches_and_route_names(monkeypatch):
-    monkeypatch.setattr(fused, "_enabled", True)
-    fused.set_fused(False)
-    assert not fused.fused_enabled()
-    fused.set_fused(True)
-    assert fused.fused_enabled()
+    monkeypatch.setattr(fused, "_choice", "auto")
+    fused.set_kernels("torch")
+    assert fused.kernels_choice() == "torch"
+    assert fused.route_for((9, 0)) == ("torch", "LOWVRAM_KONTEXT_KERNELS=torch")
+    fused.set_kernels("auto")
+    with pytest.raises(KontextError, match="choose one of auto, triton, torch"):
+        fused.set_kernels("cuda")
     plain = payload("bf16", (4, 64), 0)
     assert fused.default_route(plain, torch.empty(4, 64, dtype=torch.bfloat16)) is None  # a memcpy already
     with pytest.raises(ValueError, match="route must be one of"):
@@ -136,11 +139,30 @@ def test_import_and_cpu_use_compile_nothing_and_read_the_environment():
         "from lowvram_kontext.weights.formats import fused, quantize\n"
         "quantize(torch.randn(4, 64), 'Q4_0').dequantize()\n"
         "kernels = 'lowvram_kontext.weights.formats.triton_kernels' in sys.modules\n"
-        "print(fused.fused_enabled(), sorted(loaded() - before), kernels)\n"
+        "print(fused.kernels_choice(), sorted(loaded() - before), kernels)\n"
     )
-    env = {**os.environ, "LOWVRAM_KONTEXT_FUSED": "0"}
+    env = {**os.environ, "LOWVRAM_KONTEXT_KERNELS": "torch"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    assert done.stdout.split("\n")[0] == "False [] False"
+    assert done.stdout.split("\n")[0] == "torch [] False"
+
+
+def test_pascal_and_missing_triton_take_the_pytorch_route(monkeypatch):
+    monkeypatch.setattr(fused, "_choice", "auto")
+    route, reason = fused.route_for((6, 1))  # GTX 10xx
+    assert route == "torch" and reason == "compute capability 6.1 is below Triton's 7.0"
+    if find_spec("triton") is None:  # a real absence here: Volta and later take the PyTorch route too
+        assert fused.route_for((8, 9)) == ("torch", "Triton is not installed")
+    else:
+        assert fused.route_for((8, 9)) == ("triton", None)
+    fused.set_kernels("triton")
+    with pytest.raises(KontextError, match="LOWVRAM_KONTEXT_KERNELS=triton, but the Triton kernels cannot run here"):
+        fused.route_for((6, 1))
+
+
+def test_a_bad_kernels_setting_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(fused, "_choice", "fast")
+    with pytest.raises(KontextError, match="LOWVRAM_KONTEXT_KERNELS='fast': expected one of auto, triton, torch"):
+        fused.route_for((8, 0))
 
 
 @cuda_only

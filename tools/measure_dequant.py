@@ -129,7 +129,7 @@ def first_call_seconds(run: Callable[[], None], device: torch.device) -> float:
 
 def paths_for(fmt: str, device: torch.device, probe: QuantizedTensor) -> tuple[str | None, list[str]]:
     """The fused route ``dequantize`` takes for ``fmt`` (None: the eager path) and the paths to time."""
-    if device.type != "cuda" or not fused.available():
+    if device.type != "cuda" or fused.device_route(device) != "triton":
         return None, [EAGER]
     out = torch.empty(probe.shape, dtype=torch.bfloat16, device=device)
     route = fused.default_route(probe, out)

@@ -15,14 +15,18 @@ Two kinds of kernel, chosen per format by ``default_route``:
   divide by per value).
 
 Both compute in float32 with the same operations as the chunked PyTorch path and round once, so the
-results are bit-identical to it. ``set_fused(False)`` or ``LOWVRAM_KONTEXT_FUSED=0`` turns the route
-off; without Triton (which both need) it is off too. Nothing is compiled, and Triton is not imported,
-before a CUDA payload is dequantized.
+results are bit-identical to it. Both need Triton, which is missing on some installs (Windows, often),
+does not support Pascal cards (compute capability below 7.0) and may fail to compile: then CUDA payloads
+take the PyTorch path, slower, and one line on stderr says why. ``LOWVRAM_KONTEXT_KERNELS`` (or
+``set_kernels``) picks the route: ``auto`` (Triton where it can run), ``torch`` (never Triton) or
+``triton`` (an error where it cannot run). Nothing is compiled, and Triton is not imported, before a
+CUDA payload is dequantized.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import types
 import warnings
 from collections import Counter
@@ -32,6 +36,7 @@ from importlib.util import find_spec
 
 import torch
 
+from ...errors import KontextError
 from .base import Codec, QuantizedTensor, codec
 from .plain import PlainCodec
 
@@ -40,26 +45,67 @@ ROUTES = ("compiled", "kernel")
 # The torch.compile backend of the compiled route (tests use a lighter one on the CPU).
 BACKEND = "inductor"
 
-_enabled = os.environ.get("LOWVRAM_KONTEXT_FUSED", "1") != "0"
+KERNELS_ENV = "LOWVRAM_KONTEXT_KERNELS"
+KERNEL_CHOICES = ("auto", "triton", "torch")
+TRITON_CAPABILITY = (7, 0)  # Triton compiles for Volta and later GPUs
+
+_choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
 _compiled: dict[str, Callable[..., None]] = {}
 _compile_counts: Counter[str] = Counter()
 _failed: set[tuple[str, str]] = set()
+_told: set[str] = set()
 
 
-def set_fused(enabled: bool) -> None:
-    """Turn the fused CUDA route on or off for this process (the default comes from the environment)."""
-    global _enabled
-    _enabled = enabled
+def set_kernels(choice: str) -> None:
+    """Pick the route for this process: auto, triton or torch (the default comes from the environment)."""
+    global _choice
+    if choice not in KERNEL_CHOICES:
+        raise KontextError(f"unknown dequantization kernels {choice!r}: choose one of {', '.join(KERNEL_CHOICES)}")
+    _choice = choice
+    _route.cache_clear()
 
 
-def fused_enabled() -> bool:
-    return _enabled
+def kernels_choice() -> str:
+    """auto, triton or torch, as set (a bad value of the environment variable is an error here)."""
+    if _choice not in KERNEL_CHOICES:
+        raise KontextError(f"{KERNELS_ENV}={_choice!r}: expected one of {', '.join(KERNEL_CHOICES)}")
+    return _choice
+
+
+def triton_problem(capability: tuple[int, int] | None) -> str | None:
+    """Why the Triton kernels cannot run for a GPU of ``capability`` here (None: they can)."""
+    if capability is not None and tuple(capability) < TRITON_CAPABILITY:
+        return f"compute capability {capability[0]}.{capability[1]} is below Triton's {TRITON_CAPABILITY[0]}.0"
+    if find_spec("triton") is None:
+        return "Triton is not installed"
+    return None
+
+
+def route_for(capability: tuple[int, int] | None) -> tuple[str, str | None]:
+    """("triton" or "torch", why not Triton) for a GPU of ``capability`` under the current choice."""
+    choice = kernels_choice()
+    if choice == "torch":
+        return "torch", f"{KERNELS_ENV}=torch"
+    problem = triton_problem(capability)
+    if problem is not None and choice == "triton":
+        raise KontextError(f"{KERNELS_ENV}=triton, but the Triton kernels cannot run here: {problem}")
+    return ("torch", problem) if problem else ("triton", None)
 
 
 @cache
-def available() -> bool:
-    """Whether the fused route can run here: CUDA and Triton are both present."""
-    return torch.cuda.is_available() and find_spec("triton") is not None
+def _route(device_index: int) -> tuple[str, str | None]:
+    return route_for(torch.cuda.get_device_capability(device_index))
+
+
+def device_route(device: torch.device) -> str:
+    """The route CUDA payloads on ``device`` take: "triton" or "torch"."""
+    return _route(torch.device(device).index or 0)[0]
+
+
+def _say_once(reason: str) -> None:
+    if reason not in _told:
+        _told.add(reason)
+        print(f"dequantizing with PyTorch instead of Triton kernels ({reason}): slower", file=sys.stderr, flush=True)
 
 
 def _kernels() -> types.ModuleType:
@@ -83,13 +129,17 @@ def default_route(qt: QuantizedTensor, out: torch.Tensor) -> str | None:
 def dequantize_into(qt: QuantizedTensor, out: torch.Tensor, route: str | None = None) -> bool:
     """Write ``qt`` into the contiguous ``out`` by a fused route; False where none was taken.
 
-    With ``route`` None this is ``dequantize``'s hook: it applies only to CUDA payloads with fusing on
-    and Triton present, takes ``default_route``, and falls back (False, with one warning) when that
-    route fails for the format. A named route (``"compiled"`` or ``"kernel"``) is always taken and
-    its errors propagate: benchmarks and tests use it.
+    With ``route`` None this is ``dequantize``'s hook: it applies only to CUDA payloads whose device
+    takes the Triton route (see ``route_for``), takes ``default_route``, and falls back (False, with
+    one warning) when that route fails for the format. A named route (``"compiled"`` or ``"kernel"``)
+    is always taken and its errors propagate: benchmarks and tests use it.
     """
     if route is None:
-        if not (_enabled and qt.data.is_cuda and available()):
+        if not qt.data.is_cuda:
+            return False
+        route, reason = _route(qt.data.device.index or 0)
+        if route == "torch":
+            _say_once(reason or "")
             return False
         route = default_route(qt, out)
         if route is None or (qt.format, route) in _failed:
