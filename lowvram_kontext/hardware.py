@@ -9,11 +9,9 @@ is unknown. ``Machine.with_budget`` makes a big card look like a small one (``--
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,8 +20,11 @@ from types import ModuleType
 import psutil
 import torch
 
+from .card_speed import cached_matmul_tflops, cached_measurement
 from .errors import KontextError
+from .gpus import REFERENCE_EFFICIENCY, GpuSpec, known_gpu
 from .paths import cache_dir
+from .weights.formats.fused import TRITON_CAPABILITY, kernels_choice, route_for
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -60,6 +61,13 @@ class Machine:
     ram_available: int
     disk_free: int | None
     h2d_gbps: float | None
+    # Achieved dense fp16/bf16 matmul rate (calibrated, or a table card's specification at the
+    # reference's efficiency), memory bandwidth (table cards), the dequantization route. None: unknown,
+    # and the planner assumes the GPU its time model was measured on.
+    matmul_tflops: float | None = None
+    memory_gbps: float | None = None
+    dequant_route: str = "triton"
+    card_link_gbps: float | None = None  # the card's own PCIe link (table cards), when not measured
 
     @property
     def has_gpu(self) -> bool:
@@ -102,6 +110,27 @@ class Machine:
             cuda_context_bytes=DEFAULT_CUDA_CONTEXT_BYTES,
         )
 
+    def with_card(self, spec: GpuSpec) -> Machine:
+        """This host with ``spec``'s card instead of its own GPU: an idle card of the table, its speeds
+        from the specification (``plan --gpu``)."""
+        pascal = spec.capability < TRITON_CAPABILITY
+        return replace(
+            self,
+            gpu_name=f"{spec.name} (from the GPU table)",
+            vram_total=int(spec.vram_gib * GIB),
+            vram_free=int(spec.vram_gib * GIB),
+            compute_capability=spec.capability,
+            supports_bf16=spec.bf16,
+            supports_fp8=spec.fp8,
+            cuda_context_bytes=DEFAULT_CUDA_CONTEXT_BYTES,
+            cuda_context_measured=False,
+            h2d_gbps=None,
+            card_link_gbps=spec.link_gbps,
+            matmul_tflops=spec.tflops * REFERENCE_EFFICIENCY,
+            memory_gbps=spec.memory_gbps,
+            dequant_route="torch" if pascal or kernels_choice() == "torch" else "triton",
+        )
+
     def with_ram(self, ram_bytes: int) -> Machine:
         """The machine as a host with ``ram_bytes`` of RAM would look (available capped to it)."""
         if ram_bytes <= 0:
@@ -115,10 +144,7 @@ class Machine:
             return f"no CUDA GPU, {ram}"
         gpu = self.gpu_name or "no CUDA GPU: a hypothetical card"
         link = f"{self.h2d_gbps:.1f} GB/s pinned" if self.h2d_gbps else "link not measured"
-        return (
-            f"{gpu}, VRAM {self.vram_free / GIB:.1f} of {self.vram_total / GIB:.1f} GiB usable, "
-            f"{ram}, {link}"
-        )
+        return f"{gpu}, VRAM {self.vram_free / GIB:.1f} of {self.vram_total / GIB:.1f} GiB usable, {ram}, {link}"
 
 
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*", re.IGNORECASE)
@@ -229,26 +255,7 @@ def measure_h2d_gbps(device: torch.device | str | int | None = None) -> float:
 
 def cached_link_speed(gpu_name: str, measure: Callable[[], float], cache: Path | None = None) -> float:
     """The link speed for ``gpu_name`` from the JSON cache, else ``measure()``d once and stored there."""
-    path = cache if cache is not None else cache_dir() / LINK_CACHE_NAME
-    try:
-        known = json.loads(path.read_text())
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    value = known.get(gpu_name)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    speed = float(measure())
-    known[gpu_name] = round(speed, 2)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump(known, tmp, indent=1, sort_keys=True)
-        os.replace(tmp.name, path)
-    except OSError:
-        pass  # an unwritable cache only means measuring again next time
-    return speed
+    return cached_measurement(cache if cache is not None else cache_dir() / LINK_CACHE_NAME, gpu_name, measure)
 
 
 def _disk_free(path: Path) -> int | None:
@@ -264,7 +271,9 @@ def detect(weights_path: Path | str | None = None, measure_link: bool = True) ->
     """Read this machine: the current CUDA GPU (if any), RAM, and free disk where ``weights_path`` is.
 
     ``disk_free`` is for ``weights_path``, by default the cache folder (where converted weights go).
-    The link speed is measured once per GPU model and cached under the cache folder.
+    The link speed and the matmul rate are measured once per GPU model and cached under the cache
+    folder (``measure_link`` False: neither is measured). Missing NVML, Triton or a failing probe
+    leave figures unknown; they never stop detection.
     """
     memory = psutil.virtual_memory()
     disk = _disk_free(Path(weights_path) if weights_path is not None else cache_dir())
@@ -276,6 +285,9 @@ def detect(weights_path: Path | str | None = None, measure_link: bool = True) ->
     free, total = torch.cuda.mem_get_info(device)
     capability = (props.major, props.minor)
     link = cached_link_speed(props.name, lambda: measure_h2d_gbps(device)) if measure_link else None
+    dtype = torch.bfloat16 if capability >= (8, 0) else torch.float16
+    tflops = cached_matmul_tflops(props.name, device, dtype) if measure_link else None
+    spec = known_gpu(props.name)
     return Machine(
         gpu_name=props.name,
         vram_total=total,
@@ -289,6 +301,10 @@ def detect(weights_path: Path | str | None = None, measure_link: bool = True) ->
         ram_available=memory.available,
         disk_free=disk,
         h2d_gbps=link,
+        matmul_tflops=tflops,
+        memory_gbps=spec.memory_gbps if spec else None,
+        dequant_route=route_for(capability)[0],
+        card_link_gbps=spec.link_gbps if spec else None,
     )
 
 

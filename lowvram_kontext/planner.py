@@ -6,7 +6,8 @@ Profiles
 One TOML file per profile (``profiles/NAME.toml``; more from ``$LOWVRAM_KONTEXT_PROFILES``, a list
 of folders separated like ``PATH``, or ``--profile FILE``). Every key is required::
 
-    name = "8gb"                   # must equal the file stem
+    name = "nf4-stream"            # must equal the file stem
+    aliases = ["8gb"]              # optional: other names that select it (a renamed profile's old names)
     description = "..."            # one line for people
     vram_gib = 8                   # the card size it is meant for (documentation and ordering)
     ram_gib = 32                   # the least host RAM it is meant for (a host below 90% of it is refused)
@@ -81,6 +82,7 @@ import torch
 from torch import nn
 
 from .errors import KontextError
+from .gpus import REFERENCE, REFERENCE_EFFICIENCY
 from .hardware import GIB, MIB, Machine
 from .models.autoencoder import AutoEncoder, AutoEncoderConfig
 from .models.clip import CLIPTextConfig, CLIPTextModel
@@ -111,6 +113,7 @@ PROFILES_DIR = _PACKAGE / "profiles" if (_PACKAGE / "profiles").is_dir() else _P
 PROFILES_ENV = "LOWVRAM_KONTEXT_PROFILES"
 FILE_FORMAT = "file"
 COMPUTE_BYTES = 2  # bf16 activations and dequantized weights
+DEFAULT_EDIT_STEPS = 28  # sampling steps of an edit, as ``edit`` runs by default
 MIN_TILE = 64
 TILE_MULTIPLE = 16  # a tile must cover whole packed latent cells: 8 pixels per latent cell, 2x2 cells
 
@@ -140,6 +143,32 @@ _DEQUANT_GBPS = MappingProxyType(
 # directly (the chunked PyTorch path, used on CPUs or without Triton, needs 8-24 B per value of a
 # 16M-value chunk; running out of memory there falls back to a smaller plan).
 _DEQUANT_TEMP_BYTES = MappingProxyType(dict.fromkeys(_DEQUANT_GBPS, 0))
+# The PyTorch route, taken where Triton cannot run (Pascal cards, installs without Triton): bf16 GB/s of
+# the chunked routines, measured on the same H200 ("eager" in bench/results/dequant.json), rounded down.
+# They hold float32 temporaries of a chunk: up to 16 B per value (plain casts need none).
+_TORCH_DEQUANT_GBPS = MappingProxyType(
+    {
+        **dict.fromkeys(("fp16", "f32", "F16", "F32"), 700.0),
+        **dict.fromkeys(("fp8_e4m3", "fp8_e5m2"), 250.0),
+        "int8": 260.0,
+        "nf4": 130.0,
+        "Q8_0": 200.0,
+        "Q4_0": 125.0,
+        "Q4_1": 115.0,
+        "Q5_0": 89.0,
+        "Q5_1": 79.0,
+        "IQ4_NL": 115.0,
+        "IQ4_XS": 76.0,
+        "Q2_K": 90.0,
+        "Q3_K": 57.0,
+        "Q4_K": 46.0,
+        "Q5_K": 45.0,
+        "Q6_K": 69.0,
+    }
+)
+_TORCH_DEQUANT_TEMP_BYTES = MappingProxyType(
+    {fmt: 0 if fmt in ("fp16", "f32", "F16", "F32") else 16 for fmt in _TORCH_DEQUANT_GBPS}
+)
 
 
 @dataclass(frozen=True)
@@ -150,6 +179,13 @@ class Calibration:
     peer_steps: tuple[tuple[int, float], ...] = ((8704, 0.366), (2560, 0.092))
     dequant_gbps: Mapping[str, float] = field(default_factory=lambda: _DEQUANT_GBPS)
     dequant_temp_bytes: Mapping[str, int] = field(default_factory=lambda: _DEQUANT_TEMP_BYTES)
+    torch_dequant_gbps: Mapping[str, float] = field(default_factory=lambda: _TORCH_DEQUANT_GBPS)
+    torch_dequant_temp_bytes: Mapping[str, int] = field(default_factory=lambda: _TORCH_DEQUANT_TEMP_BYTES)
+    # Seconds of the stages other than sampling on the reference GPU, bf16, full size, 1024x1024
+    # (DESIGN.md, "Measuring"); scaled like a step for other cards.
+    peer_stage_seconds: Mapping[str, float] = field(
+        default_factory=lambda: MappingProxyType({"clip": 0.005, "t5": 0.025, "vae_encode": 0.048, "vae_decode": 0.087})
+    )
     # Caching allocator rounding and splitting, convolution workspaces: applied to activations and
     # scratch. Estimate.
     allocator_overhead: float = 1.05
@@ -175,6 +211,20 @@ class Calibration:
     # A "16 GB" host reports ~15.5 GiB: a profile's ram_gib is met from this share of it.
     ram_size_tolerance: float = 0.9
 
+    # The share of the reference GPU's step bound by memory rather than matmuls (norms, activations,
+    # RoPE, residual updates, the attention's reads and writes). Estimate.
+    memory_bound_share: float = 0.1
+
+    def dequant_rate(self, fmt: str, machine: Machine) -> float:
+        """bf16 GB/s of dequantizing ``fmt`` by the machine's route, scaled by its memory bandwidth."""
+        rates = self.torch_dequant_gbps if machine.dequant_route == "torch" else self.dequant_gbps
+        return rates[fmt] * (machine.memory_gbps / REFERENCE.memory_gbps if machine.memory_gbps else 1.0)
+
+    def dequant_temp(self, fmt: str, machine: Machine) -> int:
+        """Bytes of temporaries per dequantized value by the machine's route."""
+        temps = self.torch_dequant_temp_bytes if machine.dequant_route == "torch" else self.dequant_temp_bytes
+        return temps[fmt]
+
     def compute_model(self) -> tuple[float, float]:
         """(fixed seconds, seconds per FLOP) through the two peer step times on the real model.
 
@@ -188,6 +238,17 @@ class Calibration:
 
 
 CALIBRATION = Calibration()
+
+
+def card_slowdown(machine: Machine, cal: Calibration = CALIBRATION) -> float:
+    """How many times longer than on the reference GPU (``gpus.REFERENCE``) the machine's card takes
+    for a step: the matmuls scale with the achieved matmul rate, the memory-bound rest of the step
+    (``Calibration.memory_bound_share``) with the memory bandwidth; 1 for a card of unknown speed."""
+    if not machine.matmul_tflops:
+        return 1.0
+    matmul = REFERENCE.tflops * REFERENCE_EFFICIENCY / machine.matmul_tflops
+    memory = REFERENCE.memory_gbps / machine.memory_gbps if machine.memory_gbps else matmul
+    return (1 - cal.memory_bound_share) * matmul + cal.memory_bound_share * memory
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +281,7 @@ class Profile:
     pinned_cap_gib: float
     margin_gib: float
     source: Path | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def margin_bytes(self) -> int:
@@ -347,6 +409,9 @@ def load_profile_file(path: Path | str) -> Profile:
         raise KontextError(f"{path}: not a text file") from None
     except tomllib.TOMLDecodeError as err:
         raise KontextError(f"{path}: not valid TOML ({err})") from None
+    aliases = data.pop("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise KontextError(f"{path}: aliases must be a list of names, got {_shown(aliases)}")
     values = _checked(path, data, _SCHEMA)
     if values["name"] != path.stem:
         raise KontextError(f"{path}: name {values['name']!r} must equal the file name {path.stem!r}")
@@ -362,6 +427,7 @@ def load_profile_file(path: Path | str) -> Profile:
         pinned_cap_gib=values["memory"]["pinned_cap_gib"],
         margin_gib=values["memory"]["margin_gib"],
         source=path,
+        aliases=tuple(aliases),
     )
 
 
@@ -379,6 +445,16 @@ def load_profiles(extra_dirs: Sequence[Path | str] = ()) -> dict[str, Profile]:
             profile = load_profile_file(path)
             profiles[profile.name] = profile
     return profiles
+
+
+def resolve_profile(profiles: Mapping[str, Profile], name: str) -> str:
+    """The profile ``name`` selects: its own name or one of its aliases; a KontextError when none."""
+    if name in profiles:
+        return name
+    owners = [p.name for p in profiles.values() if name in p.aliases]
+    if owners:
+        return owners[-1]  # a profile loaded later (a user's folder) wins, as with names
+    raise KontextError(f"unknown profile {name!r}; known profiles: {', '.join(sorted(profiles))}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,10 +783,20 @@ class Plan:
     explicit: bool = False
     keeps_weights: bool = False  # planned for successive edits: the whole model stays in host memory
     candidates: tuple[Candidate, ...] = ()
+    other_stage_seconds: float = 0.0  # an edit's text encoders and VAE passes (loading not counted)
 
     @property
     def seconds_per_step(self) -> float:
         return max(self.compute_seconds, self.transfer_seconds) + self.dequant_seconds
+
+    def seconds_per_edit(self, steps: int = DEFAULT_EDIT_STEPS) -> float:
+        """One edit of ``steps`` sampling steps with its other stages, the weights already loaded."""
+        return steps * self.seconds_per_step + self.other_stage_seconds
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype the card runs: bf16 where it has it, else float16 (Pascal, Turing)."""
+        return "bfloat16" if self.machine.supports_bf16 else "float16"
 
     @property
     def peak_bytes(self) -> int:
@@ -748,6 +834,9 @@ class Plan:
             "margin_bytes": self.profile.margin_bytes,
             "peak_bytes": self.peak_bytes,
             "seconds_per_step": self.seconds_per_step,
+            "seconds_per_edit": self.seconds_per_edit(),
+            "dtype": self.dtype,
+            "dequant_route": self.machine.dequant_route,
             "step": {
                 "compute_s": self.compute_seconds,
                 "transfer_s": self.transfer_seconds,
@@ -771,7 +860,9 @@ class Plan:
         gib = _gib_text
         how = "chosen by --profile" if self.explicit else "the fastest profile that fits"
         verdict = "fits" if self.fits else "DOES NOT FIT: " + "; ".join(self.why_not())
-        link = f"{self.link_gbps:.1f} GB/s " + ("measured" if self.link_measured else "assumed")
+        link = f"{self.link_gbps:.1f} GB/s " + (
+            "measured" if self.link_measured else "the card's PCIe" if self.machine.card_link_gbps else "assumed"
+        )
         lines = [
             f"profile {self.profile.name} ({how}): {self.profile.description}",
             f"machine: {self.machine.describe()}",
@@ -793,7 +884,10 @@ class Plan:
         lines += [
             "",
             f"predicted {self.seconds_per_step:.3f} s/step = max(compute {self.compute_seconds:.3f}, "
-            f"transfer {self.transfer_seconds:.3f} at {link}) + dequantize {self.dequant_seconds:.3f}",
+            f"transfer {self.transfer_seconds:.3f} at {link}) + dequantize {self.dequant_seconds:.3f} "
+            f"({_ROUTES[self.machine.dequant_route]}); {self.dtype}",
+            f"predicted {self.seconds_per_edit():.1f} s per edit of {DEFAULT_EDIT_STEPS} steps "
+            f"(text encoders and VAE {self.other_stage_seconds:.2f} s; loading not counted)",
             f"host: pinned {gib(self.host.pinned)}, pageable {gib(self.host.pageable)}, "
             f"mapped {gib(self.host.mapped)}"
             + (f", disk {gib(self.host.disk)}" if self.host.disk else "")
@@ -810,6 +904,9 @@ class Plan:
                 lines.append(f"  {c.name:<14} {c.seconds_per_step:7.3f} s/step  peak {gib(c.peak_bytes):>10}  {status}")
         lines.append("(predictions from the memory model in lowvram_kontext/planner.py, to be checked by measurement)")
         return "\n".join(lines)
+
+
+_ROUTES = {"triton": "Triton kernels", "torch": "PyTorch, without Triton: slower"}
 
 
 def _gib_text(value: int) -> str:
@@ -844,17 +941,26 @@ class _Context:
 
     @property
     def link_gbps(self) -> float:
-        return self.machine.h2d_gbps or self.cal.assumed_h2d_gbps
+        return self.machine.h2d_gbps or self.machine.card_link_gbps or self.cal.assumed_h2d_gbps
 
     def overhead(self, nbytes: float) -> int:
         return int(nbytes * self.cal.allocator_overhead)
 
+    def cost_format(self, fmt: str) -> str:
+        """The format whose dequantization costs what ``fmt``'s does in the machine's compute dtype: on a
+        card without bf16 (float16 compute), bf16 weights are cast as fp16 ones are elsewhere, and fp16
+        ones are used as stored."""
+        if self.machine.supports_bf16 or fmt not in ("bf16", "fp16"):
+            return fmt
+        return "fp16" if fmt == "bf16" else "bf16"
+
     def scratch(self, parts: Sequence[Part], fmt: str) -> int:
         """One bf16 buffer of the largest compressed matrix, plus one chunk's dequantize temporaries."""
+        fmt = self.cost_format(fmt)
         largest = max(part.largest_compressed(fmt) for part in parts)
         if largest == 0:
             return 0
-        temporaries = min(CHUNK_ELEMENTS, largest) * self.cal.dequant_temp_bytes[fmt]
+        temporaries = min(CHUNK_ELEMENTS, largest) * self.cal.dequant_temp(fmt, self.machine)
         return self.overhead(COMPUTE_BYTES * largest + temporaries)
 
 
@@ -1015,10 +1121,12 @@ def _profile_plan(ctx: _Context) -> Plan:
     ]
     problems += _host_problems(ctx, host)
     overhead, per_flop = cal.compute_model()
-    flux_fmt = transformer.format
+    flux_fmt = ctx.cost_format(transformer.format)
     compressed = double.compressed_values(flux_fmt) * model.flux.depth
     compressed += single.compressed_values(flux_fmt) * model.flux.depth_single_blocks
-    dequant = COMPUTE_BYTES * compressed / (cal.dequant_gbps[flux_fmt] * 1e9) if compressed else 0.0
+    dequant = COMPUTE_BYTES * compressed / (cal.dequant_rate(flux_fmt, machine) * 1e9) if compressed else 0.0
+    slowdown = card_slowdown(machine, cal)
+    compute = max(0.0, overhead + per_flop * transformer_flops(model.flux, text_tokens + image_tokens))
     return Plan(
         profile=profile,
         machine=machine,
@@ -1028,15 +1136,26 @@ def _profile_plan(ctx: _Context) -> Plan:
         image_tokens=image_tokens,
         budget_bytes=ctx.budget,
         stages=stages,
-        compute_seconds=max(0.0, overhead + per_flop * transformer_flops(model.flux, text_tokens + image_tokens)),
+        compute_seconds=compute * slowdown,
         transfer_seconds=transformer.transfer_seconds,
         dequant_seconds=dequant,
         link_gbps=ctx.link_gbps,
         link_measured=machine.h2d_gbps is not None,
+        other_stage_seconds=_other_stage_seconds(ctx, stages, slowdown),
         host=host,
         problems=tuple(problems),
         keeps_weights=ctx.keep_weights,
     )
+
+
+def _other_stage_seconds(ctx: _Context, stages: Sequence[StagePlan], slowdown: float) -> float:
+    """One edit's time outside the sampling steps: the reference GPU's stage times on this card, the
+    VAE's longer in tiles (x1.15 measured at 544 px), plus T5's streamed bytes over the link."""
+    seconds = 0.0
+    for stage in stages:
+        peer = ctx.cal.peer_stage_seconds.get(stage.name, 0.0) * slowdown
+        seconds += peer * (1.15 if stage.tile else 1.0) + (stage.transfer_seconds if stage.name == "t5" else 0.0)
+    return seconds
 
 
 def _kept_host_use(ctx: _Context, block_parts: Mapping[str, int], whole: int) -> HostUse:
@@ -1105,8 +1224,8 @@ def plan(
         raise KontextError("no CUDA GPU here: pass --vram-budget SIZE to plan for a card of that size")
     if not profiles:
         raise KontextError("no profiles to choose from")
-    if profile_name is not None and profile_name not in profiles:
-        raise KontextError(f"unknown profile {profile_name!r}; known profiles: {', '.join(sorted(profiles))}")
+    if profile_name is not None:
+        profile_name = resolve_profile(profiles, profile_name)
     model = model or ModelSizes()
 
     def plan_for(profile: Profile, on: Machine) -> Plan:

@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from .. import images
+from ..gpus import find_gpu
 from ..hardware import Machine, detect, parse_size
 from ..lora import LoraSpec, LoraStack
 from ..pipeline import ModelPaths
@@ -86,8 +87,13 @@ def chosen_profile(args: argparse.Namespace, profiles: dict[str, Profile]) -> st
 
 
 def planning_machine(args: argparse.Namespace, weights_path: Path | None = None) -> Machine | None:
-    """The machine to plan for: this one, with --ram / --vram-budget applied; None without GPU or budget."""
-    machine = detect(weights_path)
+    """The machine to plan for: this one, with --gpu / --ram / --vram-budget applied; None without GPU or budget."""
+    card = getattr(args, "gpu", None)
+    if card is not None:
+        spec = find_gpu(card)  # before detecting: an unknown name is the first error
+        machine = detect(weights_path, measure_link=False).with_card(spec)
+    else:
+        machine = detect(weights_path)
     if getattr(args, "ram", None) is not None:
         machine = machine.with_ram(parse_size(args.ram))
     if args.vram_budget is not None:

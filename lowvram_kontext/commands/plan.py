@@ -20,6 +20,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     add_plan_options(parser)
     parser.add_argument("--ram", help="plan for a host with this much RAM (same units)")
+    parser.add_argument(
+        "--gpu", metavar="NAME", help='plan for this card instead of the one here, e.g. "RTX 2060" or "GTX 1660 Super"'
+    )
     parser.add_argument("--width", type=int, help=f"image width (default {DEFAULT_SIZE}, or --height)")
     parser.add_argument("--height", type=int, help=f"image height (default {DEFAULT_SIZE}, or --width)")
     parser.add_argument(
