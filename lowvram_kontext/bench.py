@@ -29,18 +29,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
+from PIL import Image
 
 from .demo import demo_image
 from .errors import KontextError
 from .hardware import GIB, MIB, Machine, cap_allocator, detect, process_vram_bytes
 from .lora import LoraSpec, LoraStack
-from .pipeline import KontextPipeline, ModelPaths, default_dtype
-from .planner import ModelSizes, Plan, Profile, load_profiles, plan
+from .pipeline import COMPUTE_DTYPES, KontextPipeline, ModelPaths, compute_dtype
+from .planner import ModelSizes, Plan, Profile, load_profiles, plan, resolve_profile
 from .progress import Progress
 from .prompt_cache import PromptCache
 from .synthetic import stored_format, synthetic_lora, synthetic_model
+from .weights.formats import fused
 
 PROMPT = "Add a small red hat to the cat"
 SESSION_PROMPT = "Make it a snowy night"  # the session's second edit; its third repeats it
@@ -66,6 +69,7 @@ class BenchSettings:
     session: bool = False  # after the measured edit, two more on the same pipeline (new prompt, repeated prompt)
     references: int = 0  # reference images beside the input (--ref), each at the edit's size
     lora_rank: int = 0  # a random LoRA of this rank on every layer of every transformer block (0: none)
+    dtypes: tuple[str, ...] = ("auto",)  # compute dtypes, each profile runs in each (see pipeline.compute_dtype)
 
 
 @dataclass
@@ -85,6 +89,12 @@ class Row:
     streamed_blocks: int
     completed: bool = False
     error: str | None = None
+    dtype: str = ""  # the compute dtype it ran in
+    dequant_route: str | None = None  # "triton" or "torch" (the PyTorch path): how CUDA weights were dequantized
+    output_finite: bool | None = None  # every value of the final latent is finite
+    # Mean absolute difference of the output image from the same profile's bfloat16 row of this run,
+    # in 8-bit levels (0-255).
+    image_difference_vs_bfloat16: float | None = None
     predicted_peak_bytes: dict[str, int] = field(default_factory=dict)  # per stage, as planned (context included)
     predicted_allocator_bytes: dict[str, int] = field(default_factory=dict)  # the same less the CUDA context
     measured_peak_bytes: dict[str, int | None] = field(default_factory=dict)  # allocator peak per stage
@@ -157,6 +167,11 @@ class BenchReport:
             budget = "card" if r.budget_bytes is None else _size(r.budget_bytes)
             streamed = None if r.bytes_streamed_per_step is None else r.bytes_streamed_per_step / 1e9
             status = "ok" if r.completed else f"FAILED: {r.error}"
+            status += f"; {r.dtype}" + (f", {r.dequant_route} dequantization" if r.dequant_route else "")
+            if r.output_finite is False:
+                status += ", OUTPUT NOT FINITE"
+            if r.image_difference_vs_bfloat16 is not None:
+                status += f", image vs bfloat16 {r.image_difference_vs_bfloat16:.2f} levels"
             lines.append(
                 f"{r.profile:<14} {r.format:<9} {budget + ('*' if r.budget_lifted else ''):>10} "
                 f"{_num(r.seconds_per_step, 3):>8} {_num(r.ratio_to_resident, 2):>6} {_num(r.ratio_to_floor, 2):>7} "
@@ -300,11 +315,11 @@ class _Bench:
         if self.device.type == "cpu" and not settings.small:
             raise KontextError("without a CUDA GPU the bench runs only the tiny model: pass --small")
         self.cuda = self.device.type == "cuda"
-        self.dtype = default_dtype(self.device)
+        self.dtypes = tuple(dict.fromkeys(compute_dtype(name, self.device) for name in settings.dtypes))
+        self.images: dict[tuple[str, bool, torch.dtype], torch.Tensor] = {}  # each row's output, for dtype errors
         self.profiles = load_profiles()
-        unknown = [n for n in settings.profiles if n not in self.profiles]
-        if unknown:
-            raise KontextError(f"unknown profile {unknown[0]!r}; known profiles: {', '.join(sorted(self.profiles))}")
+        settings = replace(settings, profiles=tuple(resolve_profile(self.profiles, n) for n in settings.profiles))
+        self.settings = settings
         self.machine = detect(settings.cache_dir)
         self.read_vram, self.vram_source = _vram_reader(self.device)
         self.notes: list[str] = []
@@ -335,7 +350,8 @@ class _Bench:
         return [(t, True) for t in twins] + [(n, False) for n in names]
 
     def run(self) -> BenchReport:
-        rows = [self.run_profile(name, reference) for name, reference in self.schedule()]
+        runs = [(name, reference, dtype) for dtype in self.dtypes for name, reference in self.schedule()]
+        rows = [self.run_profile(*run) for run in runs]
         self.compare(rows)
         s = self.settings
         settings = {
@@ -350,7 +366,7 @@ class _Bench:
         return {
             "gpu": m.gpu_name, "driver": _driver_version() if self.cuda else None, "torch": torch.__version__,
             "cuda": torch.version.cuda if self.cuda else None, "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."), "vram_total_bytes": m.vram_total or None,
+            "dtypes": [_dtype_name(d) for d in self.dtypes], "vram_total_bytes": m.vram_total or None,
             "cuda_context_bytes": m.cuda_context_bytes if self.cuda else None,
             "h2d_gbps": m.h2d_gbps, "ram_total_bytes": m.ram_total, "process_vram_source": self.vram_source,
         }  # fmt: skip
@@ -373,7 +389,7 @@ class _Bench:
         self.notes.append(f"{name} does not fit the {_size(s.budget_bytes)} budget; {outcome}")
         return lifted, budget, True
 
-    def run_profile(self, name: str, reference: bool) -> Row:
+    def run_profile(self, name: str, reference: bool, dtype: torch.dtype) -> Row:
         s, profile = self.settings, self.profiles[name]
         try:
             paths = synthetic_model(
@@ -389,6 +405,7 @@ class _Bench:
         transformer = result.stage("transformer")
         row = Row(
             profile=name, format=transformer.format, t5_format=result.stage("t5").format, reference=reference,
+            dtype=_dtype_name(dtype),
             budget_bytes=budget, budget_lifted=lifted, width=s.width, height=s.height,
             tokens={"text": result.text_tokens, "image": result.image_tokens},
             resident_blocks=transformer.resident_blocks, streamed_blocks=transformer.streamed_blocks,
@@ -403,8 +420,9 @@ class _Bench:
         if not result.fits:
             row.error = "the plan does not fit: " + "; ".join(result.why_not())
         else:
-            self.measure(row, result, paths, budget, loras)
-        self.say(f"{name}: " + (f"{row.seconds_per_step:.3f} s/step" if row.completed else f"failed: {row.error}"))
+            self.measure(row, result, paths, budget, dtype, loras)
+        outcome = f"{row.seconds_per_step:.3f} s/step" if row.completed else f"failed: {row.error}"
+        self.say(f"{name} ({row.dtype}): {outcome}")
         return row
 
     def loras(self, paths: ModelPaths) -> LoraStack:
@@ -416,7 +434,9 @@ class _Bench:
             specs.append(LoraSpec(synthetic_lora(s.cache_dir, s.lora_rank, s.small)))
         return LoraStack.of_files(specs, paths.transformer, paths.clip, paths.t5)
 
-    def measure(self, row: Row, result: Plan, paths: ModelPaths, budget: int | None, loras: LoraStack) -> None:
+    def measure(
+        self, row: Row, result: Plan, paths: ModelPaths, budget: int | None, dtype: torch.dtype, loras: LoraStack
+    ) -> None:
         """Run one edit under ``result`` and fill ``row``; running out of memory is recorded, not raised."""
         s = self.settings
         probe = _Probe(self.device, self.read_vram)
@@ -428,12 +448,15 @@ class _Bench:
             with rss:
                 cache = PromptCache(s.cache_dir / "prompts") if s.session else None
                 pipeline = KontextPipeline(
-                    paths, self.device, self.dtype, probe, plan=result, cache_dir=s.cache_dir,
+                    paths, self.device, dtype, probe, plan=result, cache_dir=s.cache_dir,
                     keep_weights=s.session, prompt_cache=cache, loras=loras,
                 )  # fmt: skip
                 if cache is not None:
                     cache.clear()  # the first edit runs the text encoders, as a fresh run's would
-                _edit(pipeline, s)
+                image = _edit(pipeline, s)
+                row.output_finite = pipeline.stats.latent_finite
+                self.images[(row.profile, row.reference, dtype)] = torch.from_numpy(np.asarray(image, dtype=np.float32))
+                row.dequant_route = fused.device_route(self.device) if self.cuda else None
                 first = pipeline.stats  # each edit makes its own
                 if s.session:
                     self.session_edits(row, pipeline)
@@ -494,11 +517,15 @@ class _Bench:
 
     def compare(self, rows: list[Row]) -> None:
         """Fill each row's ratios to its resident twin and to the physical floor."""
-        done = {r.profile: r for r in rows if r.completed and r.seconds_per_step}
+        done = {(r.profile, r.dtype): r for r in rows if r.completed and r.seconds_per_step}
         link = self.machine.h2d_gbps
         for row in rows:
+            bf16 = self.images.get((row.profile, row.reference, torch.bfloat16))
+            mine = self.images.get((row.profile, row.reference, COMPUTE_DTYPES[row.dtype]))
+            if row.dtype != "bfloat16" and bf16 is not None and mine is not None:
+                row.image_difference_vs_bfloat16 = float((mine - bf16).abs().mean())
             row.resident_profile = resident_twin(self.profiles, row.profile)
-            twin = done.get(row.resident_profile or "")
+            twin = done.get((row.resident_profile or "", row.dtype))
             if row.seconds_per_step is None or twin is None:
                 continue
             resident = twin.seconds_per_step
@@ -510,12 +537,16 @@ class _Bench:
             row.ratio_to_floor = row.seconds_per_step / row.floor_seconds_per_step
 
 
-def _edit(pipeline: KontextPipeline, s: BenchSettings, prompt: str = PROMPT) -> None:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _edit(pipeline: KontextPipeline, s: BenchSettings, prompt: str = PROMPT) -> Image.Image:
     """One whole edit of the demo image (with ``s.references`` copies of it as references) through the
     pipeline's own ``edit``, with ``s.warmup`` + ``s.steps`` sampling steps; its figures are then in
     ``pipeline.stats``."""
     references = [demo_image()] * s.references
-    pipeline.edit(demo_image(), prompt, s.warmup + s.steps, GUIDANCE, SEED, s.width, s.height, references)
+    return pipeline.edit(demo_image(), prompt, s.warmup + s.steps, GUIDANCE, SEED, s.width, s.height, references)
 
 
 def run_bench(settings: BenchSettings, say: Callable[[str], None] = lambda _: None) -> BenchReport:

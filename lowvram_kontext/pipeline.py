@@ -132,6 +132,7 @@ class PipelineStats:
     step_seconds: list[float] = field(default_factory=list)  # each sampling step, synchronized
     bytes_streamed_per_step: int = 0
     h2d_gbps: float | None = None  # achieved by the transformer's block copies
+    latent_finite: bool | None = None  # the last edit's sampled latent had no inf or nan
 
 
 def _synchronize(device: torch.device) -> None:
@@ -463,6 +464,7 @@ class KontextPipeline:
         config = self._vae_config
         noise = sampling.initial_noise(seed, height, width, config.z_channels, config.downsample_factor)
         latent = self.sample(embedding, condition, noise, steps, guidance, encoded)
+        self.stats.latent_finite = bool(latent.isfinite().all())  # the decoded image would hide it
         result = self.decode(latent)
         self.settle()
         return result

@@ -175,10 +175,12 @@ def test_running_out_of_memory_is_recorded_and_the_bench_goes_on(
 
 def test_resident_twins_keep_the_transformer_format() -> None:
     profiles = load_profiles()
-    twins = {name: bench.resident_twin(profiles, name) for name in ("8gb", "4gb", "24gb", "12gb", "as-file")}
+    names = ("nf4-stream", "all-nf4-stream", "bf16-stream", "fp8-stream", "as-file")
+    twins = {name: bench.resident_twin(profiles, name) for name in names}
     # fp8 has no all-resident profile; "file" is synthesized as Q4_K, which has none either.
     assert twins == {
-        "8gb": "resident-nf4", "4gb": "resident-nf4", "24gb": "resident-bf16", "12gb": None, "as-file": None
+        "nf4-stream": "resident-nf4", "all-nf4-stream": "resident-nf4", "bf16-stream": "resident-bf16",
+        "fp8-stream": None, "as-file": None,
     }  # fmt: skip
     assert bench.resident_twin(profiles, "resident-nf4") == "resident-nf4"
 
@@ -204,7 +206,7 @@ def test_random_payloads_have_the_layout_and_spread_of_a_trained_layer(fmt: str)
     ("options", "message"),
     [
         (["--small"], "error: bench measures on weights it writes itself: pass --synthetic"),
-        (["--synthetic", "--small", "--profiles", "nope"], "error: unknown profile 'nope'; known profiles: 12gb,"),
+        (["--synthetic", "--small", "--profiles", "nope"], "error: unknown profile 'nope'; known profiles: all-nf4"),
         (["--synthetic", "--small", "--width", "40"], "error: --width must be a multiple of 16 of at least 16"),
         (["--synthetic", "--small", "--steps", "0"], "error: --steps must be at least 1 and --warmup at least 0"),
     ],

@@ -33,7 +33,7 @@ def _plan(
 ) -> tuple[Plan, dict]:
     profiles = load_profiles()
     streamed = Streaming(format=fmt, resident_blocks=resident, prefetch=1, host="pageable")
-    profiles[name] = replace(profiles["8gb"], name=name, transformer=streamed, t5=streamed, vae_tile=tile)
+    profiles[name] = replace(profiles["nf4-stream"], name=name, transformer=streamed, t5=streamed, vae_tile=tile)
     paths = _paths(root)
     sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
     machine = Machine.cpu_only(ram_total=64 * GIB, ram_available=48 * GIB).with_budget(8 * GIB)

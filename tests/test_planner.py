@@ -40,7 +40,10 @@ from lowvram_kontext.weights.gguf_file import write_gguf
 from lowvram_kontext.weights.safetensors_file import SafetensorsFile
 
 STAGES = ("clip", "t5", "vae_encode", "transformer", "vae_decode")
-REQUIRED = {"4gb", "6gb", "8gb", "12gb", "16gb", "24gb", "8gb-lowram", "6gb-lowram", "resident-bf16", "resident-nf4"}
+REQUIRED = {
+    "all-nf4-stream", "nf4-stream", "fp8-stream", "int8-stream", "bf16-stream", "nf4-stream-lowram", "nf4-mmap",
+    "resident-bf16", "resident-nf4",
+}  # fmt: skip
 VRAMS = (4, 6, 8, 12, 16, 24)
 RAMS = (8, 16, 32, 64)
 BENCH_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
@@ -211,8 +214,8 @@ def test_choices_over_cards_and_hosts(profiles, ram: int) -> None:
 
 @pytest.mark.parametrize(
     "vram, ram, expected",
-    [(4, 64, "4gb"), (8, 64, "8gb"), (12, 64, "16gb"), (24, 64, "24gb"), (8, 16, "8gb-lowram"),
-     (4, 16, "8gb-lowram"), (6, 8, "6gb-lowram"), (12, 8, "resident-nf4")],
+    [(4, 64, "all-nf4-stream"), (8, 64, "nf4-stream"), (12, 64, "int8-stream"), (24, 64, "bf16-stream"),
+     (8, 16, "nf4-stream-lowram"), (4, 16, "nf4-stream-lowram"), (6, 8, "nf4-mmap"), (12, 8, "resident-nf4")],
 )  # fmt: skip
 def test_expected_profiles(profiles, vram: int, ram: int, expected: str) -> None:
     assert plan(machine(vram, ram), profiles, 1024, 1024).profile.name == expected
@@ -222,9 +225,9 @@ def test_low_ram_hosts_get_low_ram_profiles(profiles) -> None:
     for ram in (8, 16):
         for vram in (4, 6, 8):
             chosen = plan(machine(vram, ram), profiles, 1024, 1024)
-            assert chosen.profile.name in ("6gb-lowram", "8gb-lowram"), (vram, ram)
+            assert chosen.profile.name in ("nf4-mmap", "nf4-stream-lowram"), (vram, ram)
             assert chosen.host.pinned <= 4 * GIB + STAGING_BUFFERS * STAGING_CHUNK_BYTES
-            normal = next(c for c in chosen.candidates if c.name == "8gb")
+            normal = next(c for c in chosen.candidates if c.name == "nf4-stream")
             assert not normal.fits and "meant for hosts with 32 GiB of RAM" in normal.problems
 
 
@@ -256,10 +259,10 @@ def test_an_explicit_profile_wins_and_says_whether_it_fits(profiles) -> None:
     assert small.profile.name == "resident-bf16" and small.explicit and not small.fits
     assert any(reason.startswith("transformer needs") for reason in small.why_not())
     assert "DOES NOT FIT" in small.explain() and json.loads(small.to_json())["fits"] is False
-    slower = plan(machine(24, 64), profiles, 1024, 1024, profile_name="8gb")
-    assert slower.profile.name == "8gb" and slower.fits
+    slower = plan(machine(24, 64), profiles, 1024, 1024, profile_name="nf4-stream")
+    assert slower.profile.name == "nf4-stream" and slower.fits
     assert slower.seconds_per_step > plan(machine(24, 64), profiles, 1024, 1024).seconds_per_step
-    with pytest.raises(KontextError, match="unknown profile 'huge'; known profiles: 12gb"):
+    with pytest.raises(KontextError, match="unknown profile 'huge'; known profiles: all-nf4-stream"):
         plan(machine(8, 64), profiles, 1024, 1024, profile_name="huge")
 
 
@@ -274,7 +277,7 @@ def test_streaming_terms_on_a_tiny_model(profiles, tiny_root: Path) -> None:
     assert tiny.image_tokens == 2 * 16 * 16
 
     # One resident block: the other double block and the three singles stream through two slots.
-    base = profiles["8gb"]
+    base = profiles["nf4-stream"]
     one = replace(base, transformer=replace(base.transformer, resident_blocks=1))
     stage = plan(machine(2, 64), {"one": one}, 256, 256, sizes).stage("transformer")
     double, single, _ = flux_parts(sizes.flux)
@@ -291,7 +294,7 @@ def test_streaming_terms_on_a_tiny_model(profiles, tiny_root: Path) -> None:
 
 def test_host_tiers_and_their_copy_times(profiles) -> None:
     staging = STAGING_BUFFERS * STAGING_CHUNK_BYTES
-    partial = plan(machine(4, 16), profiles, 1024, 1024, profile_name="8gb-lowram")
+    partial = plan(machine(4, 16), profiles, 1024, 1024, profile_name="nf4-stream-lowram")
     stage = partial.stage("transformer")
     cap = partial.profile.pinned_cap_bytes
     assert stage.host.pageable > 0 and stage.host.pinned - staging <= cap
@@ -304,7 +307,7 @@ def test_host_tiers_and_their_copy_times(profiles) -> None:
 
     # Mapped files: from the page cache on a roomy host, from disk (slower) on a small one.
     cached, from_disk = (
-        plan(machine(4, ram), profiles, 1024, 1024, profile_name="6gb-lowram").stage("transformer") for ram in (64, 8)
+        plan(machine(4, ram), profiles, 1024, 1024, profile_name="nf4-mmap").stage("transformer") for ram in (64, 8)
     )
     for mapped in (cached, from_disk):
         assert mapped.host.mapped == mapped.streamed_bytes == mapped.host.disk and mapped.host.pinned == staging
@@ -333,29 +336,29 @@ def test_successive_edits_keep_the_whole_model_in_host_memory(profiles) -> None:
     t5 = first.nbytes("int8") + other.nbytes("int8") * (sizes.t5.num_layers - 1) + t5_rest.nbytes("bf16")
     rest = clip_part(sizes.clip).nbytes("bf16") + vae_part(sizes.vae).nbytes("bf16")
 
-    kept = plan(machine(8, 32), profiles, 1024, 1024, profile_name="8gb", keep_weights=True)
+    kept = plan(machine(8, 32), profiles, 1024, 1024, profile_name="nf4-stream", keep_weights=True)
     assert kept.fits and kept.keeps_weights and "kept for successive edits" in kept.explain()
-    assert kept.host.pinned == min(transformer + t5, kept.profile.pinned_cap_bytes)  # 8gb pins up to 12 GiB
+    assert kept.host.pinned == min(transformer + t5, kept.profile.pinned_cap_bytes)  # nf4-stream pins up to 12 GiB
     assert kept.host.pinned + kept.host.pageable == transformer + t5 + rest
-    single_edit = plan(machine(8, 32), profiles, 1024, 1024, profile_name="8gb")
+    single_edit = plan(machine(8, 32), profiles, 1024, 1024, profile_name="nf4-stream")
     assert single_edit.host.pinned < kept.host.pinned and single_edit.stages == kept.stages
 
     # A 24 GiB card on a 16 GiB host: one edit may stream bf16, successive edits must hold less.
-    assert plan(machine(24, 16), profiles, 1024, 1024).profile.name == "24gb"
+    assert plan(machine(24, 16), profiles, 1024, 1024).profile.name == "bf16-stream"
     chosen = plan(machine(24, 16), profiles, 1024, 1024, keep_weights=True)
-    assert chosen.fits and chosen.profile.name != "24gb"
-    assert any("of host RAM" in p for p in next(c for c in chosen.candidates if c.name == "24gb").problems)
-    lowram = plan(machine(4, 8), profiles, 1024, 1024, profile_name="6gb-lowram", keep_weights=True)
+    assert chosen.fits and chosen.profile.name != "bf16-stream"
+    assert any("of host RAM" in p for p in next(c for c in chosen.candidates if c.name == "bf16-stream").problems)
+    lowram = plan(machine(4, 8), profiles, 1024, 1024, profile_name="nf4-mmap", keep_weights=True)
     assert lowram.host.mapped >= transformer  # kept copies follow the profile's host tier: mapped files
 
 
 def test_vae_tiles_when_the_whole_image_does_not_fit(profiles) -> None:
     roomy = plan(machine(24, 64), profiles, 1024, 1024)
     assert roomy.stage("vae_decode").tile is None
-    tight = plan(machine(2.2, 64), profiles, 1024, 1024, profile_name="4gb")
+    tight = plan(machine(2.2, 64), profiles, 1024, 1024, profile_name="all-nf4-stream")
     decode = tight.stage("vae_decode")
     assert decode.tile in (768, 512, 384, 256, 128) and decode.fits
-    never = replace(profiles["4gb"], name="never", vae_tile="never")
+    never = replace(profiles["all-nf4-stream"], name="never", vae_tile="never")
     untiled = plan(machine(2.2, 64), {"never": never}, 1024, 1024, profile_name="never").stage("vae_decode")
     assert untiled.tile is None and not untiled.fits and untiled.peak_bytes > decode.peak_bytes
 
@@ -383,13 +386,13 @@ def test_builtin_profiles(profiles) -> None:
         ("vram_gib = 8", "vram_gib = true", "vram_gib"),
         ("[clip]", '[clip]\nquality = "best"', "clip.quality"),
         ("ram_gib = 32\n", "", "ram_gib"),
-        ('name = "8gb"', 'name = "9gb"', "name"),
+        ('name = "nf4-stream"', 'name = "other"', "name"),
         ("[memory]", "[memory", "not valid TOML"),
     ],
 )
 def test_malformed_profiles_name_the_file_and_key(tmp_path: Path, old: str, new: str, key: str) -> None:
-    text = (PROFILES_DIR / "8gb.toml").read_text()
-    path = tmp_path / "8gb.toml"
+    text = (PROFILES_DIR / "nf4-stream.toml").read_text()
+    path = tmp_path / "nf4-stream.toml"
     path.write_text(_setting(text, old, new))
     with pytest.raises(KontextError) as raised:
         load_profile_file(path)
@@ -405,20 +408,20 @@ def _setting(text: str, old: str, new: str) -> str:
 
 
 def test_gguf_format_names_in_any_case(tmp_path: Path) -> None:
-    path = tmp_path / "8gb.toml"
-    path.write_text(_setting((PROFILES_DIR / "8gb.toml").read_text(), 'format = "nf4"', 'format = "q4_k"'))
+    path = tmp_path / "nf4-stream.toml"
+    path.write_text(_setting((PROFILES_DIR / "nf4-stream.toml").read_text(), 'format = "nf4"', 'format = "q4_k"'))
     assert load_profile_file(path).transformer.format == "Q4_K"
 
 
 def test_user_profile_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
-    text = (PROFILES_DIR / "8gb.toml").read_text()
-    (folder / "8gb.toml").write_text(_setting(text, 'description = "', 'description = "mine: '))
-    (folder / "tiny.toml").write_text(_setting(text, 'name = "8gb"', 'name = "tiny"'))
+    text = (PROFILES_DIR / "nf4-stream.toml").read_text()
+    (folder / "nf4-stream.toml").write_text(_setting(text, 'description = "', 'description = "mine: '))
+    (folder / "tiny.toml").write_text(_setting(text, 'name = "nf4-stream"', 'name = "tiny"'))
     monkeypatch.setenv(PROFILES_ENV, str(folder))
     loaded = load_profiles()
-    assert loaded["8gb"].description.startswith("mine: ") and "tiny" in loaded and REQUIRED <= set(loaded)
+    assert loaded["nf4-stream"].description.startswith("mine: ") and "tiny" in loaded and REQUIRED <= set(loaded)
     monkeypatch.setenv(PROFILES_ENV, str(tmp_path / "missing"))
     with pytest.raises(KontextError, match="no such profiles folder"):
         load_profiles()
@@ -457,7 +460,7 @@ def test_plan_command_with_files_and_a_profile_file(
     transformer = next(s for s in json.loads(out)["stages"] if s["name"] == "transformer")
     assert transformer["blocks"] == 5
     mine = tmp_path / "mine.toml"
-    mine.write_text(_setting((PROFILES_DIR / "8gb.toml").read_text(), 'name = "8gb"', 'name = "mine"'))
+    mine.write_text(_setting((PROFILES_DIR / "nf4-stream.toml").read_text(), 'name = "nf4-stream"', 'name = "mine"'))
     code, out, _ = _run(capsys, "--vram-budget", "8", "--profile", str(mine), "--json")
     assert code == 0 and json.loads(out)["profile"] == "mine" and json.loads(out)["explicit"]
 
@@ -483,3 +486,21 @@ def test_plan_command_without_a_gpu(capsys: pytest.CaptureFixture[str], tiny_roo
     code, out, _ = _run(capsys, "--vram-budget", "8")
     assert code == 0 and "machine: no CUDA GPU: a hypothetical card, VRAM 8.0 of 8.0 GiB usable" in out
 
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("4gb", "all-nf4-stream"), ("6gb", "all-nf4-stream"), ("8gb", "nf4-stream"), ("8gb-lowram", "nf4-stream-lowram"),
+     ("6gb-lowram", "nf4-mmap"), ("12gb", "fp8-stream"), ("16gb", "int8-stream"), ("24gb", "bf16-stream")],
+)  # fmt: skip
+def test_former_profile_names_still_work(profiles, old: str, new: str) -> None:
+    assert old not in profiles and old in profiles[new].aliases
+    assert plan(machine(24, 64), profiles, 1024, 1024, profile_name=old).profile.name == new
+
+
+def test_aliases_must_be_a_list_of_names(tmp_path: Path) -> None:
+    text = (PROFILES_DIR / "nf4-stream.toml").read_text()
+    bad = tmp_path / "nf4-stream.toml"
+    bad.write_text(text.replace('aliases = ["8gb"]', 'aliases = "8gb"'))
+    with pytest.raises(KontextError, match="aliases must be a list of names"):
+        load_profile_file(bad)

@@ -10,6 +10,7 @@ from .. import bench, bench_plot
 from ..errors import KontextError
 from ..hardware import parse_size
 from ..paths import cache_dir
+from ..pipeline import COMPUTE_DTYPES
 
 DEFAULT_SIZE = 1024
 GRID = 16  # image sides: VAE downsampling (8) times the 2x2 packing
@@ -49,6 +50,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="apply a random rank-R LoRA to every layer of every transformer block (measures a LoRA's cost)",
     )
     parser.add_argument("--small", action="store_true", help="the tiny model instead of the full-size one (CPU tests)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="compute dtypes, separated by commas: auto, bfloat16, float16, float32 (default auto); each profile "
+        "runs in each, and a float16 row gives its final latent's error against the bfloat16 row",
+    )
     parser.set_defaults(run=run)
 
 
@@ -66,6 +73,10 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
     if args.lora_rank < 0:
         raise KontextError(f"--lora-rank must be 0 (no LoRA) or more (got {args.lora_rank})")
     names = [n.strip() for n in (args.profiles or "").split(",") if n.strip()]
+    dtypes = tuple(dict.fromkeys(d.strip() for d in args.dtype.split(",") if d.strip())) or ("auto",)
+    unknown = [d for d in dtypes if d != "auto" and d not in COMPUTE_DTYPES]
+    if unknown:
+        raise KontextError(f"unknown --dtype {unknown[0]!r}: choose auto or one of {', '.join(COMPUTE_DTYPES)}")
     return bench.BenchSettings(
         profiles=tuple(dict.fromkeys(names)),
         budget_bytes=None if args.vram_budget is None else parse_size(args.vram_budget),
@@ -78,6 +89,7 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
         session=args.session,
         references=args.refs,
         lora_rank=args.lora_rank,
+        dtypes=dtypes,
     )
 
 
