@@ -308,6 +308,19 @@ def detect(weights_path: Path | str | None = None, measure_link: bool = True) ->
     )
 
 
+def usable_now(machine: Machine, device: torch.device | str | int | None = None) -> Machine:
+    """``machine`` as its GPU stands now: what this process still holds (memory the plan did not count on)
+    and what other processes took since are no longer free for a plan. Unchanged without CUDA."""
+    if not machine.has_gpu or not torch.cuda.is_available():
+        return machine
+    device = _cuda_device(device)
+    device_free, _ = torch.cuda.mem_get_info(device)
+    held = torch.cuda.memory_allocated(device)
+    spare = torch.cuda.memory_reserved(device) - held
+    usable = min(machine.vram_free - held, device_free + spare + machine.cuda_context_bytes)
+    return replace(machine, vram_free=max(usable, 0))
+
+
 def cap_allocator(
     device: torch.device | str | int | None, budget_bytes: int, context_bytes: int | None = None
 ) -> int:

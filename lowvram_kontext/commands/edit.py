@@ -13,7 +13,7 @@ from PIL import Image
 
 from .. import demo, images, workflow
 from ..errors import KontextError
-from ..hardware import cap_allocator, parse_size
+from ..hardware import cap_allocator, parse_size, usable_now
 from ..lora import LoraStack
 from ..paths import cache_dir
 from ..pipeline import (
@@ -121,9 +121,11 @@ def _plan(
     sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
 
     def replan(profile_name: str | None) -> Plan:
+        # After running out of memory the pipeline asks again: the plan is then for what is free now.
+        now = usable_now(machine, device) if on_gpu else machine
         with_loras = replace(sizes, adapters=loras.adapter_bytes())  # the LoRAs in use when planning
         return plan(
-            machine, profiles, width, height, with_loras, profile_name, keep_weights=keep_weights,
+            now, profiles, width, height, with_loras, profile_name, keep_weights=keep_weights,
             references=len(args.ref),
         )  # fmt: skip
 
