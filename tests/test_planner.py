@@ -41,8 +41,8 @@ from lowvram_kontext.weights.safetensors_file import SafetensorsFile
 
 STAGES = ("clip", "t5", "vae_encode", "transformer", "vae_decode")
 REQUIRED = {
-    "all-nf4-stream", "nf4-stream", "fp8-stream", "int8-stream", "bf16-stream", "nf4-stream-lowram", "nf4-mmap",
-    "resident-bf16", "resident-nf4",
+    "all-nf4-stream", "all-nf4-stream-desktop", "nf4-stream", "fp8-stream", "int8-stream", "bf16-stream",
+    "nf4-stream-lowram", "nf4-mmap", "resident-bf16", "resident-nf4",
 }  # fmt: skip
 VRAMS = (4, 6, 8, 12, 16, 24)
 RAMS = (8, 16, 32, 64)
@@ -315,7 +315,7 @@ def test_host_tiers_and_their_copy_times(profiles) -> None:
 
 
 def test_more_resident_blocks_stream_less_and_hold_more(profiles) -> None:
-    base = profiles["8gb"]
+    base = profiles["nf4-stream"]
     stages = []
     for resident in range(0, 58, 4):
         fixed = replace(base, transformer=replace(base.transformer, resident_blocks=resident))
@@ -490,8 +490,9 @@ def test_plan_command_without_a_gpu(capsys: pytest.CaptureFixture[str], tiny_roo
 
 @pytest.mark.parametrize(
     "old, new",
-    [("4gb", "all-nf4-stream"), ("6gb", "all-nf4-stream"), ("8gb", "nf4-stream"), ("8gb-lowram", "nf4-stream-lowram"),
-     ("6gb-lowram", "nf4-mmap"), ("12gb", "fp8-stream"), ("16gb", "int8-stream"), ("24gb", "bf16-stream")],
+    [("4gb", "all-nf4-stream"), ("6gb", "all-nf4-stream-desktop"), ("8gb", "nf4-stream"),
+     ("8gb-lowram", "nf4-stream-lowram"), ("6gb-lowram", "nf4-mmap"), ("12gb", "fp8-stream"), ("16gb", "int8-stream"),
+     ("24gb", "bf16-stream")],
 )  # fmt: skip
 def test_former_profile_names_still_work(profiles, old: str, new: str) -> None:
     assert old not in profiles and old in profiles[new].aliases
