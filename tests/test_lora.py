@@ -378,7 +378,7 @@ SIZE = 48
 def _plan(root: Path, name: str = "streamed", stack: LoraStack | None = None):  # noqa: ANN202
     profiles = load_profiles()
     streamed = Streaming(format="nf4", resident_blocks=1, prefetch=1, host="pageable")
-    profiles[name] = replace(profiles["8gb"], name=name, transformer=streamed, t5=streamed, vae_tile="never")
+    profiles[name] = replace(profiles["nf4-stream"], name=name, transformer=streamed, t5=streamed, vae_tile="never")
     paths = ModelPaths.resolve(model=root / "diffusers")
     sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
     machine = Machine.cpu_only(ram_total=64 * GIB, ram_available=48 * GIB).with_budget(8 * GIB)

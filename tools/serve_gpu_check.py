@@ -38,7 +38,7 @@ PROMPTS = ("Add a red hat to the snowman", "Make it a snowy night", "Make it a s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="8gb")
+    parser.add_argument("--profile", default="nf4-stream")
     parser.add_argument("--vram-budget", default="8GiB")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--size", type=int, default=1024, help="output width and height")
