@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from lowvram_kontext import cli
@@ -16,6 +17,10 @@ from lowvram_kontext.commands.serve import page_server
 from lowvram_kontext.demo import demo_image
 from lowvram_kontext.server.client import FINISHED, PageClient
 from lowvram_kontext.server.http import PageServer
+from lowvram_kontext.tiny import TinyWeights
+from lowvram_kontext.weights.safetensors_file import save_safetensors
+
+from .test_lora import kohya
 
 # Tiny edits: 32x32 pixels, two steps, on the CPU in float32.
 SMALL = ["--width", "32", "--height", "32", "--steps", "2", "--seed", "3", "--device", "cpu", "--dtype", "float32"]
@@ -39,6 +44,12 @@ def running(argv: list[str]) -> Iterator[PageServer]:
         finally:
             server.shutdown()
             thread.join()
+
+
+def write_lora(weights: TinyWeights, path: Path) -> Path:
+    """A kohya LoRA of the tiny model (CLIP and the transformer's blocks) at ``path``; named by its stem."""
+    save_safetensors(kohya(weights.clip_config, torch.Generator().manual_seed(5)), path)
+    return path
 
 
 def client_of(server: PageServer) -> PageClient:

@@ -1,5 +1,5 @@
 """`serve` through its HTTP API on the tiny model: upload, edit, progress, history, continuing, cancelling,
-the queue with several clients, bad uploads and requests, the token, the output filter."""
+the queue with several clients, bad uploads and requests, the token, the output filter, LoRA strengths."""
 
 import http.client
 import io
@@ -20,8 +20,9 @@ from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
 from lowvram_kontext.progress import Progress
 from lowvram_kontext.server.client import PageClient, PageError
 from lowvram_kontext.server.http import PageServer
+from lowvram_kontext.tiny import TinyWeights
 
-from .page_server import SMALL, Recorder, client_of, png_bytes, running, serve_argv
+from .page_server import SMALL, Recorder, client_of, png_bytes, running, serve_argv, write_lora
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,16 @@ def guarded(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> PageSe
     check = folder / "check.py"
     check.write_text("def check(image, prompt):\n    return 'not this one' if 'refuse' in prompt else True\n")
     with running(serve_argv(tiny_root, folder, "--token", "s3cret", "--filter", f"{check}:check")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def styled(tiny_files: tuple[Path, TinyWeights], tmp_path_factory: pytest.TempPathFactory) -> PageServer:
+    """A server started with one LoRA, ``papercut``, at strength 0.7."""
+    root, weights = tiny_files
+    folder = tmp_path_factory.mktemp("styled")
+    lora = write_lora(weights, folder / "papercut.safetensors")
+    with running(serve_argv(root, folder, "--lora", f"{lora}:0.7")) as server:
         yield server
 
 
@@ -225,6 +236,7 @@ def test_oversized_or_form_uploads_are_refused_before_the_body_is_read(page: Pag
         ({"seed": 2**64}, "seed must be a whole number"),
         ({"width": 4096, "height": 4096}, "more pixels than this server plans for"),
         ({"width": True}, "width must be a whole number"),
+        ({"loras": {"style": 1}}, "no LoRA named 'style' on this server \\(LoRAs: none"),
     ],
 )
 def test_bad_edit_requests_are_refused_with_a_reason(page: PageServer, change: dict, message: str) -> None:
@@ -313,3 +325,65 @@ def test_uploads_keep_their_bytes_and_are_read_as_the_command_line_reads_them(pa
     kept = page.app.gallery.folder / "inputs" / entry["name"]
     assert kept.read_bytes() == jpeg.getvalue() == client.image(entry["id"])
     assert images.load_image(kept).size == (48, 48)
+
+
+def test_each_edit_runs_at_the_lora_strengths_it_asks_for(styled: PageServer, tiny_root: Path, tmp_path: Path) -> None:
+    client = client_of(styled)
+    (lora,) = client.loras()
+    assert lora["name"] == "papercut" and lora["strength"] == 0.7 and lora["rank"] == 4
+    assert set(lora["layers"]) == {"transformer", "clip"}
+    upload = client.upload(png_bytes(), "snowman.png")
+    # Queued together, as from tabs with different sliders: each edit sets its strengths when it runs.
+    asked = [{"papercut": 1}, {}, {"papercut": 0}]
+    jobs = [client.edit(upload["id"], "add a hat", loras=loras) for loras in asked]
+    assert [job["request"]["loras"] for job in jobs] == [{"papercut": 1.0}, {"papercut": 0.7}, {"papercut": 0.0}]
+    results = [client.image(client.wait(job["id"])["result"]) for job in jobs]
+
+    path = styled.app.editor.pipeline.loras.get("papercut").path
+    for png, strength in zip(results, (1.0, 0.7, 0.0), strict=True):
+        with Image.open(io.BytesIO(png)) as image:
+            assert json.loads(image.text["loras"]) == [{"file": str(path), "strength": strength}]
+    history = {entry["id"]: entry for entry in client.history()}
+    assert [history[client.job(job["id"])["result"]]["settings"]["loras"] for job in jobs] == [
+        {"papercut": 1.0}, {"papercut": 0.7}, {"papercut": 0.0},
+    ]  # fmt: skip
+
+    source = tmp_path / "snowman.png"
+    source.write_bytes(png_bytes())
+    model = ["--model", str(tiny_root / "diffusers"), "--image", str(source), "--prompt", "add a hat"]
+    for name, lora_args in (("one", ["--lora", str(path)]), ("default", ["--lora", f"{path}:0.7"]), ("none", [])):
+        assert cli.main(["edit", *model, "--out", str(tmp_path / f"{name}.png"), *lora_args, *SMALL, "--quiet"]) == 0
+    assert np.array_equal(_pixels(results[0]), _pixels(tmp_path / "one.png"))
+    assert np.array_equal(_pixels(results[1]), _pixels(tmp_path / "default.png"))
+    assert np.array_equal(_pixels(results[2]), _pixels(tmp_path / "none.png"))  # strength 0: exactly no LoRA
+    assert np.abs(_pixels(results[0]) - _pixels(results[2])).max() > 0
+
+
+@pytest.mark.parametrize(
+    "loras, message",
+    [
+        ({"papercut": float("nan")}, "the strength of papercut must be a number from -4 to 4"),
+        ({"papercut": 4.5}, "the strength of papercut must be a number from -4 to 4"),
+        ({"papercut": "1"}, "the strength of papercut must be a number"),
+        ({"papercut": True}, "the strength of papercut must be a number"),
+        ({"papercut": 1, "other": 1}, "no LoRA named 'other' on this server \\(LoRAs: papercut\\)"),
+        ([["papercut", 1]], "loras must map LoRA names to strengths"),
+    ],
+)
+def test_bad_lora_strengths_are_refused_with_a_reason(styled: PageServer, loras: object, message: str) -> None:
+    client = client_of(styled)
+    request = {"image": client.upload(png_bytes())["id"], "prompt": "add a hat", "loras": loras}
+    with pytest.raises(PageError, match=message) as refused:
+        client.call("POST", "/api/edits", request)
+    assert refused.value.status == 400
+
+
+def test_a_start_strength_beyond_the_pages_range_is_refused(
+    tiny_files: tuple[Path, TinyWeights], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root, weights = tiny_files
+    lora = write_lora(weights, tmp_path / "papercut.safetensors")
+    assert cli.main([*serve_argv(root, tmp_path), "--lora", f"{lora}:6"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "strength 6 is beyond what the page offers (-4 to 4)" in err
+    assert not (tmp_path / "out").exists()

@@ -16,11 +16,12 @@ from PIL import Image
 
 from .. import __version__, demo, workflow
 from ..errors import KontextError
+from ..lora import LoraSpec
 from ..pipeline import resolve_device
 from ..sampling import PREFERRED_RESOLUTIONS
 from ..server.editing import Defaults, JobProgress, PageEditor
 from ..server.gallery import Gallery, session_folder
-from ..server.http import PageApp, PageServer
+from ..server.http import MAX_LORA_STRENGTH, PageApp, PageServer
 from ..server.jobs import Events, JobQueue
 from .edit import add_edit_options, open_pipeline, start
 
@@ -93,6 +94,12 @@ def page_server(args: argparse.Namespace) -> Iterator[PageServer]:
     if not 0 <= args.port <= 65535:
         raise KontextError(f"--port must be from 0 to 65535 (got {args.port})")
     token = _token(args)
+    for spec in map(LoraSpec.parse, args.lora):
+        if abs(spec.strength) > MAX_LORA_STRENGTH:
+            raise KontextError(
+                f"--lora {spec.path}: strength {spec.strength:g} is beyond what the page offers "
+                f"({-MAX_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g})"
+            )
     device = resolve_device(args.device)
     progress = JobProgress(quiet=args.quiet, device=device, verbose=args.verbose)
     output_filter = start(args)
@@ -106,7 +113,8 @@ def page_server(args: argparse.Namespace) -> Iterator[PageServer]:
     plan_args = argparse.Namespace(**{**vars(args), "width": width, "height": height})
     pipeline = open_pipeline(plan_args, Image.new("RGB", (width, height)), progress, device, several=True)
     try:
-        defaults = Defaults(args.steps, args.guidance, args.seed, args.width, args.height, width * height)
+        loras = {lora.name: lora.strength for lora in pipeline.loras}
+        defaults = Defaults(args.steps, args.guidance, args.seed, args.width, args.height, width * height, loras)
         editor = PageEditor(pipeline, progress, gallery, defaults, output_filter)
         jobs = JobQueue(editor.run, Events())
         info = {

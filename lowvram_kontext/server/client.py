@@ -65,7 +65,8 @@ class PageClient:
         return _answer(status, body)
 
     def edit(self, image: int, prompt: str, **settings: Any) -> dict[str, Any]:
-        """Queue an edit of gallery image ``image``; settings: seed, steps, guidance, width, height."""
+        """Queue an edit of gallery image ``image``; settings: seed, steps, guidance, width, height, and
+        loras (strengths by LoRA name; a LoRA left out keeps the strength `serve` started it with)."""
         return self.call("POST", "/api/edits", {"image": image, "prompt": prompt, **settings})
 
     def cancel(self, job: int) -> dict[str, Any]:
@@ -73,6 +74,10 @@ class PageClient:
 
     def job(self, job: int) -> dict[str, Any]:
         return self.call("GET", f"/api/jobs/{job}")
+
+    def loras(self) -> list[dict[str, Any]]:
+        """The server's LoRAs: name, file, strength (when an edit leaves it out), rank, layers per component."""
+        return self.call("GET", "/api/loras")["loras"]
 
     def history(self) -> list[dict[str, Any]]:
         return self.call("GET", "/api/history")["images"]

@@ -11,7 +11,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -69,6 +69,7 @@ class Defaults:
     width: int | None
     height: int | None
     max_pixels: int  # what the memory plan was made for
+    loras: dict[str, float] = field(default_factory=dict)  # each LoRA's strength as `serve --lora` gave it
 
 
 class PageEditor:
@@ -123,6 +124,8 @@ class PageEditor:
                 f"{width}x{height} is more pixels than this server plans for ({self.defaults.max_pixels}): "
                 "choose a smaller size, or restart serve with --width/--height"
             )
+        for name, strength in r.loras.items():  # this edit's strengths: one number per adapted layer
+            self.pipeline.set_lora_strength(name, strength)
         editor = Editor(self.pipeline, r.steps, r.guidance, r.seed, width, height, self.output_filter)
         self.pipeline.stats = PipelineStats()  # this edit's stages only
         start = time.perf_counter()
@@ -130,7 +133,10 @@ class PageEditor:
         edited = time.perf_counter()
         number, path = self.gallery.result_path(r.prompt)
         editor.write(result, path, (*parent.prompts, r.prompt), parent.source)
-        settings = {"seed": r.seed, "steps": r.steps, "guidance": r.guidance, "width": width, "height": height}
+        settings = {
+            "seed": r.seed, "steps": r.steps, "guidance": r.guidance, "width": width, "height": height,
+            "loras": r.loras,
+        }  # fmt: skip
         entry = self.gallery.add_result(number, path, parent, r.prompt, result.size, settings)
         stages = dict(self.pipeline.stats.stage_seconds)
         timings = {

@@ -5,6 +5,7 @@
     POST /api/images             upload (raw image bytes)  GET  /api/images/N  an image (?download=1)
     POST /api/edits              queue an edit (JSON)      GET  /api/jobs/N    a job's state
     POST /api/jobs/N/cancel      cancel it                 GET  /api/events    every job change (?job=N: one)
+    GET  /api/loras              the LoRAs of `serve --lora`, each with its strength there
 
 Safety: with a token every request must carry it (``Authorization: Bearer``, ``?token=`` or the
 cookie the page gets on its first load); without one (localhost only) the Host header must name
@@ -49,6 +50,7 @@ MAX_PROMPT_CHARS = 10_000
 MAX_STEPS = 500
 MAX_GUIDANCE = 100.0
 MAX_SEED = 2**64 - 1
+MAX_LORA_STRENGTH = 4.0  # an edit's LoRA strengths are from -4 to 4
 # Content types a page of another site may POST without asking first (a "simple" request): refused.
 SIMPLE_TYPES = {"text/plain", "multipart/form-data", "application/x-www-form-urlencoded", ""}
 KEEPALIVE_SECONDS = 15
@@ -98,6 +100,26 @@ def _int_field(body: dict[str, Any], name: str, default: int | None, low: int, h
     return value
 
 
+def _lora_strengths(body: dict[str, Any], defaults: dict[str, float]) -> dict[str, float]:
+    """The strength of every LoRA for one edit: those ``body["loras"]`` names (by LoRA name), the others as
+    `serve` started with them."""
+    given = body.get("loras", {})
+    if not isinstance(given, dict):
+        raise HttpError(HTTPStatus.BAD_REQUEST, 'loras must map LoRA names to strengths, e.g. {"style": 0.8}')
+    for name, value in given.items():
+        if name not in defaults:
+            known = ", ".join(defaults) or "none: start serve with --lora FILE[:STRENGTH]"
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"loras: no LoRA named {name!r} on this server (LoRAs: {known})")
+        number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+        if not number or abs(value) > MAX_LORA_STRENGTH:
+            raise HttpError(
+                HTTPStatus.BAD_REQUEST,
+                f"loras: the strength of {name} must be a number from {-MAX_LORA_STRENGTH:g} "
+                f"to {MAX_LORA_STRENGTH:g} (0: off)",
+            )
+    return {name: float(given.get(name, default)) for name, default in defaults.items()}
+
+
 def edit_request(body: Any, app: PageApp) -> EditRequest:
     """An edit's request from its JSON body, every field checked; a missing setting takes the server's default."""
     if not isinstance(body, dict):
@@ -131,6 +153,7 @@ def edit_request(body: Any, app: PageApp) -> EditRequest:
         guidance=float(guidance),
         width=width,
         height=height,
+        loras=_lora_strengths(body, d.loras),
     )
 
 
@@ -209,6 +232,8 @@ class PageHandler(BaseHTTPRequestHandler):
                 return self._json(HTTPStatus.OK, self._config())
             if path == "/api/plan":
                 return self._json(HTTPStatus.OK, self._plan())
+            if path == "/api/loras":
+                return self._json(HTTPStatus.OK, self._loras())
             if path == "/api/history":
                 return self._json(HTTPStatus.OK, {"images": app.gallery.history()})
             if path == "/api/events":
@@ -247,6 +272,21 @@ class PageHandler(BaseHTTPRequestHandler):
             "max_upload_bytes": MAX_UPLOAD_BYTES,
             "out_dir": str(self.app.gallery.folder),
         }
+
+    def _loras(self) -> dict[str, Any]:
+        """The LoRAs an edit may weigh, by name, each with its strength when the edit leaves it out."""
+        defaults = self.app.editor.defaults.loras
+        loras = [
+            {
+                "name": lora.name,
+                "file": lora.path.name,
+                "strength": defaults[lora.name],
+                "rank": lora.rank,
+                "layers": {component: len(layers) for component, layers in lora.updates.items()},
+            }
+            for lora in self.app.editor.pipeline.loras
+        ]
+        return {"loras": loras, "max_strength": MAX_LORA_STRENGTH}
 
     def _plan(self) -> dict[str, Any]:
         pipeline = self.app.editor.pipeline

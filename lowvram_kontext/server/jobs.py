@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 FINISHED = ("done", "failed", "cancelled")
@@ -21,7 +21,8 @@ LISTENER_BACKLOG = 1000  # events a listener may fall behind before it is droppe
 
 @dataclass(frozen=True)
 class EditRequest:
-    """What one edit asks for: the image (a gallery number), the instruction and the sampling settings."""
+    """What one edit asks for: the image (a gallery number), the instruction, the sampling settings and the
+    strength of every LoRA the server holds (by name; 0: not applied)."""
 
     image: int
     prompt: str
@@ -30,6 +31,7 @@ class EditRequest:
     guidance: float
     width: int | None = None
     height: int | None = None
+    loras: dict[str, float] = field(default_factory=dict)
 
 
 class Events:
@@ -115,7 +117,7 @@ class Job:
         r = self.request
         request = {
             "image": r.image, "prompt": r.prompt, "seed": r.seed, "steps": r.steps,
-            "guidance": r.guidance, "width": r.width, "height": r.height,
+            "guidance": r.guidance, "width": r.width, "height": r.height, "loras": r.loras,
         }  # fmt: skip
         return {"id": self.id, "request": request, **self._state}
 

@@ -5,6 +5,8 @@
 const $ = (id) => document.getElementById(id);
 const state = {
   config: null,
+  loras: [], // the server's LoRAs: name, file, strength (its default), rank, layers
+  maxStrength: 4,
   images: new Map(), // gallery number -> entry
   input: null, // the entry edits start from
   result: null, // the entry shown as the result
@@ -41,10 +43,60 @@ function showDefaults() {
   $("defaults").textContent =
     `Defaults: seed ${d.seed}, ${d.steps} steps, guidance ${d.guidance}, size ${size}; ` +
     `at most ${state.config.max_pixels} pixels, sides rounded down to multiples of ${state.config.grid}.`;
+  showLoras();
+}
+
+// One row per LoRA: an on/off toggle, a strength slider and the same strength as a number, its default shown.
+function showLoras() {
+  const rows = state.loras.map((lora) => {
+    const row = document.createElement("div");
+    row.className = "lora";
+    row.dataset.name = lora.name;
+    const toggle = Object.assign(document.createElement("input"), { type: "checkbox", checked: true });
+    const name = document.createElement("label");
+    name.append(toggle, ` ${lora.name}`);
+    name.title = `${lora.file}: rank ${lora.rank}, ${Object.entries(lora.layers).map(([c, n]) => `${n} ${c}`).join(", ")} layers`;
+    const range = { min: -state.maxStrength, max: state.maxStrength, value: lora.strength };
+    const slider = Object.assign(document.createElement("input"), { type: "range", step: 0.05, ...range });
+    const number = Object.assign(document.createElement("input"), { type: "number", step: "any", ...range });
+    slider.setAttribute("aria-label", `${lora.name} strength`);
+    number.setAttribute("aria-label", `${lora.name} strength`);
+    const fallback = Object.assign(document.createElement("span"), { className: "muted", textContent: `default ${lora.strength}` });
+    slider.addEventListener("input", () => (number.value = slider.value));
+    number.addEventListener("input", () => (slider.value = number.value));
+    toggle.addEventListener("change", () => {
+      slider.disabled = number.disabled = !toggle.checked;
+      row.classList.toggle("off", !toggle.checked);
+    });
+    row.append(name, slider, number, fallback);
+    return row;
+  });
+  $("lora-list").replaceChildren(...rows);
+  $("loras").hidden = rows.length === 0;
+  $("lora-hint").textContent =
+    `Strength from ${-state.maxStrength} to ${state.maxStrength}, sent with each edit; off: not applied. ` +
+    "The defaults are serve's --lora strengths.";
+}
+
+// The strength of every LoRA for the next edit (0 for those switched off), or an error to show.
+function loraStrengths() {
+  const strengths = {};
+  for (const row of $("lora-list").children) {
+    const [toggle, , number] = row.querySelectorAll("input");
+    const value = Number(number.value);
+    if (toggle.checked && (number.value.trim() === "" || !Number.isFinite(value))) {
+      throw new Error(`LoRA ${row.dataset.name}: the strength must be a number`);
+    }
+    strengths[row.dataset.name] = toggle.checked ? value : 0;
+  }
+  return strengths;
 }
 
 async function loadConfig() {
   state.config = await api("/api/config");
+  const loras = await api("/api/loras");
+  state.loras = loras.loras;
+  state.maxStrength = loras.max_strength;
   const c = state.config;
   $("model-info").textContent = `${c.model} · ${c.device} · ${c.dtype} · v${c.version}`;
   $("notice").textContent = c.notice + (c.filter ? ` (this server runs --filter ${c.filter})` : "");
@@ -80,7 +132,8 @@ function setInput(entry) {
 function showResult(entry) {
   state.result = entry;
   showIn("result", "result-hint", entry);
-  $("result-prompt").textContent = entry.prompts.join("  →  ");
+  const loras = Object.entries(entry.settings.loras ?? {}).map(([name, strength]) => `${name} ${strength}`);
+  $("result-prompt").textContent = entry.prompts.join("  →  ") + (loras.length ? ` · LoRAs: ${loras.join(", ")}` : "");
   $("download").href = `${entry.url}?download=1`;
   $("download").setAttribute("download", entry.name);
   $("download").hidden = false;
@@ -165,6 +218,11 @@ async function submitEdit(event) {
   }
   if (request.seed !== undefined && !Number.isSafeInteger(request.seed)) {
     return setStatus(`Seed: a whole number from 0 to ${Number.MAX_SAFE_INTEGER} on this page.`, true);
+  }
+  try {
+    request.loras = loraStrengths();
+  } catch (error) {
+    return setStatus(error.message, true);
   }
   try {
     const job = await api("/api/edits", {
