@@ -111,9 +111,11 @@ GPUS: tuple[GpuSpec, ...] = tuple(
 # The GPU the planner's time model was measured on (DESIGN.md, "Measuring"): H200, bf16 dense
 # 989 TFLOPS, HBM3e 4.8 TB/s, PCIe 5.0 x16.
 REFERENCE = GpuSpec("H200", 141, 989.0, 4800, capability=(9, 0), pcie=(5, 16))
-# The share of its specified rate the reference reached in the transformer's step: 2.60e14 FLOPs at
-# 8704 tokens in 0.366 s is 711 of 989 TFLOPS. A table card is assumed to reach the same share.
-REFERENCE_EFFICIENCY = 0.72
+# What ``card_speed``'s calibration measures on the reference in bf16 (TFLOPS): the planner's times
+# scale by this over a card's own calibrated rate, so on the reference they are its measured times.
+REFERENCE_CALIBRATED_TFLOPS = 712.0
+# A table card without a calibration is assumed to reach the same share of its specified rate.
+REFERENCE_EFFICIENCY = REFERENCE_CALIBRATED_TFLOPS / REFERENCE.tflops
 
 
 def _key(name: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowvram_kontext.card_speed import cached_matmul_tflops
+from lowvram_kontext.card_speed import CALIBRATION_VERSION, cached_matmul_tflops
 from lowvram_kontext.cli import main
 from lowvram_kontext.errors import KontextError
 from lowvram_kontext.gpus import GPUS, REFERENCE, REFERENCE_EFFICIENCY, GpuSpec, find_gpu, known_gpu
@@ -135,8 +135,9 @@ def test_the_pytorch_route_is_counted_slower(profiles) -> None:
 
 def test_the_matmul_rate_is_measured_once_per_card(tmp_path: Path) -> None:
     cache = tmp_path / "matmul_rate.json"
-    cache.write_text(json.dumps({"RTX 2060 float16": 21.5}))
-    # Read from the cache: nothing is measured (this machine has no GPU to measure on).
+    cache.write_text(json.dumps({"RTX 2060 float16": 99.0, f"RTX 2060 float16 {CALIBRATION_VERSION}": 21.5}))
+    # Read from the cache: nothing is measured (this machine has no GPU to measure on); a rate an
+    # earlier calibration method left there is not taken.
     assert cached_matmul_tflops("RTX 2060", torch.device("cuda"), torch.float16, cache) == 21.5
     slow = HOST.with_card(find_gpu("RTX 2060"))
     measured = replace(slow, matmul_tflops=21.5)
