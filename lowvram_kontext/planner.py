@@ -43,7 +43,7 @@ A stage's predicted peak on the device is the sum of these terms (``StagePlan.te
 - resident blocks: the leading ``resident_blocks`` blocks; non-block weights are always resident.
 - streaming slots: ``(prefetch + 1) x`` the largest streamed block, when anything streams.
 - dequant scratch: the largest compressed matrix in bf16 (one reused buffer) plus the float32
-  temporaries of dequantizing one chunk of ``CHUNK_ELEMENTS`` values (``Calibration.dequant_temp_bytes``).
+  temporaries of dequantizing one chunk of ``CHUNK_ELEMENTS`` values (``Calibration.dequant_temp``).
 - activations: the live tensors at the worst moment of a block, from the model's tensor sizes (see
   ``transformer_activation_bytes`` and ``t5_activation_bytes``), times ``allocator_overhead``.
   Attention runs through SDPA's flash / memory-efficient kernels: no tokens^2 term for the
@@ -61,8 +61,8 @@ Time per transformer step = max(compute, streamed bytes / link rate) + dequantiz
 compute = a + s * FLOPs(tokens) is fitted through the two resident bf16 peer measurements (a fixed
 cost and seconds per FLOP; FLOPs = 2 x block matrix values x tokens + 4 x tokens^2 x hidden x blocks,
 so the fit is a + b L + c L^2 with b:c set by the model), and dequantization = every compressed
-value's bf16 bytes / the format's rate. All constants live in ``Calibration``: they are estimates
-to be replaced by measurements on real GPUs.
+value's bf16 bytes / the format's rate (its codec's). All other constants live in ``Calibration``:
+they are estimates to be replaced by measurements on real GPUs.
 """
 
 from __future__ import annotations
@@ -93,12 +93,8 @@ from .offload.host import HOST_TIERS, plan_tiers
 from .sampling import PACK
 from .vae_tiling import choose_tile, decode_peak_bytes, encode_peak_bytes
 from .weights.files import FP8_DTYPES
-from .weights.formats import BlockCodec, PlainCodec, codec, formats
-from .weights.formats.base import CHUNK_ELEMENTS, Codec
-from .weights.formats.fp8 import Fp8Codec
-from .weights.formats.int8 import Int8Codec
-from .weights.formats.nf4 import BLOCK as NF4_BLOCK
-from .weights.formats.nf4 import NF4Codec
+from .weights.formats import PlainCodec, codec, formats
+from .weights.formats.base import CHUNK_ELEMENTS
 from .weights.loading import COMPONENTS, open_component
 
 try:
@@ -122,54 +118,6 @@ TILE_MULTIPLE = 16  # a tile must cover whole packed latent cells: 8 pixels per 
 # Calibration: every constant a prediction rests on. Replace estimates with measurements.
 # --------------------------------------------------------------------------------------------
 
-# GB/s of bf16 written when dequantizing each format on the GPU. Estimates for the chunked PyTorch
-# routines of ``weights.formats``: the bytes each moves per value, at ~3 TB/s effective (H200). The
-# fused CUDA kernels are faster; ``tools/measure_dequant.py`` measures the real rates, which belong
-# here. bf16 is used as stored and costs nothing.
-# bf16 GB/s produced by the fused CUDA dequantization, measured on an H200 over the 3072x12288
-# and 12288x3072 matrices (bench/results/dequant.json), rounded down.
-_DEQUANT_GBPS = MappingProxyType(
-    {
-        **dict.fromkeys(("fp16", "f32", "F16", "F32"), 700.0),  # a cast, one pass
-        **dict.fromkeys(("fp8_e4m3", "fp8_e5m2"), 750.0),
-        "int8": 1250.0,
-        "nf4": 750.0,
-        "Q8_0": 750.0,
-        **dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"), 1350.0),
-        **dict.fromkeys(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"), 1300.0),
-    }
-)
-# Bytes of temporaries per dequantized value: none, since the fused CUDA routes write the output
-# directly (the chunked PyTorch path, used on CPUs or without Triton, needs 8-24 B per value of a
-# 16M-value chunk; running out of memory there falls back to a smaller plan).
-_DEQUANT_TEMP_BYTES = MappingProxyType(dict.fromkeys(_DEQUANT_GBPS, 0))
-# The PyTorch route, taken where Triton cannot run (Pascal cards, installs without Triton): bf16 GB/s of
-# the chunked routines, measured on the same H200 ("eager" in bench/results/dequant.json), rounded down.
-# They hold float32 temporaries of a chunk: up to 16 B per value (plain casts need none).
-_TORCH_DEQUANT_GBPS = MappingProxyType(
-    {
-        **dict.fromkeys(("fp16", "f32", "F16", "F32"), 700.0),
-        **dict.fromkeys(("fp8_e4m3", "fp8_e5m2"), 250.0),
-        "int8": 260.0,
-        "nf4": 130.0,
-        "Q8_0": 200.0,
-        "Q4_0": 125.0,
-        "Q4_1": 115.0,
-        "Q5_0": 89.0,
-        "Q5_1": 79.0,
-        "IQ4_NL": 115.0,
-        "IQ4_XS": 76.0,
-        "Q2_K": 90.0,
-        "Q3_K": 57.0,
-        "Q4_K": 46.0,
-        "Q5_K": 45.0,
-        "Q6_K": 69.0,
-    }
-)
-_TORCH_DEQUANT_TEMP_BYTES = MappingProxyType(
-    {fmt: 0 if fmt in ("fp16", "f32", "F16", "F32") else 16 for fmt in _TORCH_DEQUANT_GBPS}
-)
-
 
 @dataclass(frozen=True)
 class Calibration:
@@ -177,10 +125,6 @@ class Calibration:
 
     # Peer measurements, one H200, resident bf16 transformer: (tokens, seconds per step).
     peer_steps: tuple[tuple[int, float], ...] = ((8704, 0.366), (2560, 0.092))
-    dequant_gbps: Mapping[str, float] = field(default_factory=lambda: _DEQUANT_GBPS)
-    dequant_temp_bytes: Mapping[str, int] = field(default_factory=lambda: _DEQUANT_TEMP_BYTES)
-    torch_dequant_gbps: Mapping[str, float] = field(default_factory=lambda: _TORCH_DEQUANT_GBPS)
-    torch_dequant_temp_bytes: Mapping[str, int] = field(default_factory=lambda: _TORCH_DEQUANT_TEMP_BYTES)
     # Seconds of the stages other than sampling on the reference GPU, bf16, full size, 1024x1024
     # (DESIGN.md, "Measuring"); scaled like a step for other cards.
     peer_stage_seconds: Mapping[str, float] = field(
@@ -216,14 +160,16 @@ class Calibration:
     memory_bound_share: float = 0.1
 
     def dequant_rate(self, fmt: str, machine: Machine) -> float:
-        """bf16 GB/s of dequantizing ``fmt`` by the machine's route, scaled by its memory bandwidth."""
-        rates = self.torch_dequant_gbps if machine.dequant_route == "torch" else self.dequant_gbps
-        return rates[fmt] * (machine.memory_gbps / REFERENCE.memory_gbps if machine.memory_gbps else 1.0)
+        """bf16 GB/s of dequantizing ``fmt`` by the machine's route (the format's codec says it for the
+        reference GPU), scaled by the card's memory bandwidth."""
+        found = codec(fmt)
+        rate = found.torch_dequant_gbps if machine.dequant_route == "torch" else found.dequant_gbps
+        return rate * (machine.memory_gbps / REFERENCE.memory_gbps if machine.memory_gbps else 1.0)
 
     def dequant_temp(self, fmt: str, machine: Machine) -> int:
-        """Bytes of temporaries per dequantized value by the machine's route."""
-        temps = self.torch_dequant_temp_bytes if machine.dequant_route == "torch" else self.dequant_temp_bytes
-        return temps[fmt]
+        """Bytes of temporaries per dequantized value by the machine's route (the format's codec says)."""
+        found = codec(fmt)
+        return found.torch_dequant_temp_bytes if machine.dequant_route == "torch" else found.dequant_temp_bytes
 
     def compute_model(self) -> tuple[float, float]:
         """(fixed seconds, seconds per FLOP) through the two peer step times on the real model.
@@ -465,21 +411,8 @@ def resolve_profile(profiles: Mapping[str, Profile], name: str) -> str:
 def storage_bytes(fmt: str, shape: Sequence[int]) -> int:
     """Bytes of a matrix of ``shape`` stored in ``fmt`` (bf16 if the format cannot hold that shape)."""
     size = torch.Size(shape)
-    numel = size.numel()
     found = codec(fmt)
-    if found.shape_problem(size):
-        return numel * COMPUTE_BYTES
-    if isinstance(found, PlainCodec):
-        return numel * found.dtype.itemsize
-    if isinstance(found, BlockCodec):
-        return numel // found.block_size * found.type_size
-    if isinstance(found, Fp8Codec):
-        return numel + 4  # one float32 scale
-    if isinstance(found, Int8Codec):
-        return numel + 4 * size[0]  # a float32 scale per row
-    if isinstance(found, NF4Codec):
-        return numel // 2 + 4 * (numel // NF4_BLOCK)  # a float32 absmax per block
-    raise KontextError(f"the planner has no size rule for format {fmt}")
+    return size.numel() * COMPUTE_BYTES if found.shape_problem(size) else found.nbytes(size)
 
 
 def _compresses(fmt: str, shape: Sequence[int]) -> bool:
@@ -491,7 +424,7 @@ def _compresses(fmt: str, shape: Sequence[int]) -> bool:
 
 def writable(fmt: str) -> bool:
     """Whether weights can be converted into ``fmt`` at load time (some GGUF types can only be read)."""
-    return type(codec(fmt)).quantize is not Codec.quantize
+    return codec(fmt).writable
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,13 @@ cost what they cost with the published files; only the values are random (fixed 
 transformer or T5 with its block weights already in a storage format, in the files ``quantize``
 writes (GGUF for the GGUF block types, else safetensors described by ``files.QUANTIZED_KEY``), but
 without quantizing anything: the payloads are random bytes of the right kinds and sizes (see
-``random_stored``), so a 12B model in any format is written in minutes on a CPU. ``synthetic_model``
+``Codec.random``), so a 12B model in any format is written in minutes on a CPU. ``synthetic_model``
 gathers one model's files under a folder, writing each (component, format) once.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,11 +29,7 @@ from .tiny import TINY_CLIP_WIDTH, TINY_FLUX, TINY_T5_WIDTH, TINY_VAE, random_we
 from .tiny_tokenizers import write_tiny_clip_tokenizer, write_tiny_t5_tokenizer
 from .weights.convert import GGUF_ARCH, canonical_format, writes_gguf
 from .weights.files import QUANTIZED_KEY, t5_name_to_gguf
-from .weights.formats import BlockCodec, PlainCodec, QuantizedTensor, codec, random_blocks
-from .weights.formats.fp8 import Fp8Codec
-from .weights.formats.int8 import Int8Codec
-from .weights.formats.nf4 import BLOCK as NF4_BLOCK
-from .weights.formats.nf4 import NF4Codec
+from .weights.formats import PlainCodec, QuantizedTensor, codec, random_tensor
 from .weights.gguf_file import write_gguf
 from .weights.loading import COMPONENTS, compressible_weights
 from .weights.safetensors_file import write_safetensors_streaming
@@ -59,39 +54,6 @@ def write_synthetic(component: str, path: Path, config: object | None = None, se
         path, entries, lambda name: random_weight(name, shapes[name], generator, DEFAULT_DTYPE), {"synthetic": "random"}
     )
     return Path(path)
-
-
-def random_stored(fmt: str, shape: tuple[int, ...], generator: torch.Generator) -> QuantizedTensor:
-    """A random matrix of ``shape`` held in ``fmt``, its payload sized like a trained layer's.
-
-    A trained weight has a spread of about sigma = 1 / sqrt(fan-in). nf4: random codes, each block's
-    absmax 2 to 3 sigma (the largest of 64 normal draws); int8: random codes, per-row scales about
-    sigma / 127; fp8: normal draws spanning the fp8 range, with the per-tensor scale that maps them
-    back to sigma; GGUF block types: ``random_blocks``; plain formats: normal draws of spread sigma.
-    """
-    found = codec(fmt)
-    size = torch.Size(shape)
-    problem = found.shape_problem(size)
-    if problem:
-        raise KontextError(f"cannot store a tensor of shape {list(shape)} as {fmt}: {problem}")
-    sigma = 1 / math.sqrt(math.prod(shape[1:]))
-    if isinstance(found, BlockCodec):
-        return random_blocks(fmt, shape, generator)
-    if isinstance(found, NF4Codec):
-        data = torch.randint(0, 256, (*shape[:-1], shape[-1] // 2), dtype=torch.uint8, generator=generator)
-        absmax = sigma * (2 + torch.rand(size.numel() // NF4_BLOCK, generator=generator))
-        return QuantizedTensor(fmt, size, data, absmax=absmax)
-    if isinstance(found, Int8Codec):
-        data = torch.randint(-127, 128, shape, dtype=torch.int8, generator=generator)
-        scale = sigma / 127 * (0.75 + 0.5 * torch.rand(shape[0], generator=generator))
-        return QuantizedTensor(fmt, size, data, scale=scale)
-    if isinstance(found, Fp8Codec):
-        spread = torch.finfo(found.dtype).max / 4  # four standard deviations reach the largest value
-        values = torch.randn(shape, generator=generator).clamp_(-4, 4).mul_(spread)
-        return QuantizedTensor(fmt, size, values.to(found.dtype), scale=torch.tensor([sigma / spread]))
-    if isinstance(found, PlainCodec):
-        return QuantizedTensor(fmt, size, torch.empty(shape, dtype=found.dtype).normal_(0, sigma, generator=generator))
-    raise KontextError(f"no synthetic weights for format {fmt}")
 
 
 def stored_format(component: str, fmt: str) -> str:
@@ -120,7 +82,7 @@ def write_synthetic_stored(component: str, path: Path, fmt: str, config: object 
 
     def make(name: str) -> QuantizedTensor | torch.Tensor:
         if name in in_format:
-            return random_stored(fmt, shapes[name], generator)
+            return random_tensor(fmt, shapes[name], generator)
         return random_weight(name, shapes[name], generator, DEFAULT_DTYPE)
 
     if writes_gguf(fmt):
@@ -148,26 +110,6 @@ def _write_gguf_file(
     write_gguf(path, GGUF_ARCH[component], tensors, {"general.name": "synthetic random weights"})
 
 
-def payload_layout(fmt: str, shape: tuple[int, ...]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """The dtype and shape of each payload field of a ``shape`` matrix in ``fmt`` (as the codec checks them)."""
-    found = codec(fmt)
-    size = torch.Size(shape)
-    if isinstance(found, NF4Codec):
-        return {
-            "data": (torch.uint8, (*shape[:-1], shape[-1] // 2)),
-            "absmax": (torch.float32, (size.numel() // NF4_BLOCK,)),
-        }
-    if isinstance(found, Int8Codec):
-        return {"data": (torch.int8, tuple(shape)), "scale": (torch.float32, (shape[0],))}
-    if isinstance(found, Fp8Codec):
-        return {"data": (found.dtype, tuple(shape)), "scale": (torch.float32, (1,))}
-    if isinstance(found, PlainCodec):
-        return {"data": (found.dtype, tuple(shape))}
-    if isinstance(found, BlockCodec):
-        return {"data": (torch.uint8, found.byte_shape(size))}
-    raise KontextError(f"no synthetic weights for format {fmt}")
-
-
 def _write_stored_safetensors(
     component: str,
     path: Path,
@@ -182,7 +124,7 @@ def _write_stored_safetensors(
         if name not in in_format:
             entries.append((name, DEFAULT_DTYPE, shape))
             continue
-        for field, (dtype, field_shape) in payload_layout(fmt, shape).items():
+        for field, (dtype, field_shape) in codec(fmt).layout(torch.Size(shape)).items():
             entries.append((name if field == "data" else f"{name}.{field}", dtype, field_shape))
     pending: dict[str, torch.Tensor] = {}  # the other fields of the weight just made, written next
 

@@ -14,9 +14,10 @@ from lowvram_kontext.cli import main
 from lowvram_kontext.models.t5 import T5Config
 from lowvram_kontext.pipeline import KontextPipeline
 from lowvram_kontext.planner import PROFILES_ENV, load_profiles
-from lowvram_kontext.synthetic import payload_layout, random_stored, write_synthetic_stored
+from lowvram_kontext.synthetic import write_synthetic_stored
 from lowvram_kontext.tiny import TINY_T5_WIDTH
 from lowvram_kontext.weights.compressed_linear import CompressedLinear
+from lowvram_kontext.weights.formats import codec, random_tensor
 from lowvram_kontext.weights.loading import load_component
 from lowvram_kontext.weights.safetensors_file import SafetensorsFile
 
@@ -196,8 +197,9 @@ def test_synthetic_weights_are_stored_in_their_format(tmp_path: Path, fmt: str) 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8", "fp8_e4m3", "bf16"])
 def test_random_payloads_have_the_layout_and_spread_of_a_trained_layer(fmt: str) -> None:
-    held = random_stored(fmt, (256, 1024), torch.Generator().manual_seed(0))
-    assert {k: (t.dtype, tuple(t.shape)) for k, t in held.tensors().items()} == payload_layout(fmt, (256, 1024))
+    held = random_tensor(fmt, (256, 1024), torch.Generator().manual_seed(0))
+    layout = codec(fmt).layout(held.shape)
+    assert {k: (t.dtype, tuple(t.shape)) for k, t in held.tensors().items()} == layout
     spread = held.dequantize(torch.float32).std().item() * 1024**0.5  # 1 for a trained layer
     assert 0.5 < spread < 1.5
 

@@ -7,7 +7,16 @@ import torch
 from gguf import GGMLQuantizationType
 
 from lowvram_kontext.errors import KontextError, WeightFileError
-from lowvram_kontext.weights.formats import QuantizedTensor, base, quantize, random_blocks
+from lowvram_kontext.weights.formats import (
+    PlainCodec,
+    QuantizedTensor,
+    base,
+    codec,
+    formats,
+    quantize,
+    random_blocks,
+    random_tensor,
+)
 
 BLOCK_TYPES = [
     "Q4_0",
@@ -164,8 +173,7 @@ def test_error_grows_as_bits_shrink():
         return (quantize(x, fmt).dequantize(torch.float32) - x).pow(2).mean().sqrt().item()
 
     errors = {
-        fmt: rms(fmt)
-        for fmt in ["f32", "bf16", "Q8_0", "int8", "fp8_e4m3", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "nf4"]
+        fmt: rms(fmt) for fmt in ["f32", "bf16", "Q8_0", "int8", "fp8_e4m3", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "nf4"]
     }
     assert errors["f32"] == 0
     # nf4 spends 4.5 bits like Q4_0 but on blocks of 64, so it trails it on Gaussian data
@@ -189,6 +197,28 @@ def test_payload_sizes():
     assert quantize(torch.zeros(4, 64), "int8").nbytes == 4 * 64 + 4 * 4
 
 
+def test_every_format_makes_the_payload_its_layout_declares():
+    """What a codec states about its payload (layout, size) holds for what it makes (random, quantized)."""
+    generator = torch.Generator().manual_seed(0)
+    shape = torch.Size((64, 512))
+    for name in formats():
+        fmt = codec(name)
+        held = random_tensor(name, shape, generator)
+        assert {k: (t.dtype, tuple(t.shape)) for k, t in held.tensors().items()} == fmt.layout(shape), name
+        made = [held, quantize(torch.randn(shape, generator=generator), name)] if fmt.writable else [held]
+        for qt in made:
+            assert QuantizedTensor.from_tensors(name, shape, qt.tensors()).nbytes == fmt.nbytes(shape), name
+
+
+def test_a_format_without_a_dequantization_rate_is_refused():
+    class Unrated(PlainCodec):
+        dequant_gbps = 0.0
+
+    with pytest.raises(TypeError, match="format unrated needs dequant_gbps and torch_dequant_gbps rates"):
+        base.register(Unrated("unrated", torch.float16))
+    assert "unrated" not in formats()
+
+
 def test_unknown_format_names_the_known_ones():
     with pytest.raises(KontextError, match=r"^unknown weight format 'q4'; known formats: ") as error:
         quantize(torch.zeros(4, 32), "q4")
@@ -199,9 +229,7 @@ def test_unknown_format_names_the_known_ones():
 def test_unsupported_quantization_and_shapes():
     with pytest.raises(KontextError, match="quantizing to IQ4_XS is not supported"):
         quantize(torch.zeros(4, 256), "IQ4_XS")
-    with pytest.raises(
-        KontextError, match=r"shape \[4, 30\] as Q8_0: the last dimension must be a multiple of 32"
-    ):
+    with pytest.raises(KontextError, match=r"shape \[4, 30\] as Q8_0: the last dimension must be a multiple of 32"):
         quantize(torch.zeros(4, 30), "Q8_0")
     with pytest.raises(KontextError, match="as nf4"):
         quantize(torch.zeros(3, 6), "nf4")
@@ -209,9 +237,7 @@ def test_unsupported_quantization_and_shapes():
 
 def test_from_tensors_rejects_bad_payloads():
     good = quantize(torch.zeros(4, 64), "nf4").tensors()
-    with pytest.raises(
-        WeightFileError, match=r"^w.st:k: nf4 tensor of shape \[4, 64\]: absmax has shape \[3\]"
-    ):
+    with pytest.raises(WeightFileError, match=r"^w.st:k: nf4 tensor of shape \[4, 64\]: absmax has shape \[3\]"):
         QuantizedTensor.from_tensors("nf4", (4, 64), {**good, "absmax": torch.zeros(3)}, origin="w.st:k")
     with pytest.raises(WeightFileError, match="absmax is missing"):
         QuantizedTensor.from_tensors("nf4", (4, 64), {"data": good["data"]})

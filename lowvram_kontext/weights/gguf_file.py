@@ -24,7 +24,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from ..errors import KontextError, WeightFileError
-from .formats import PlainCodec, QuantizedTensor, codec, formats
+from .formats import QuantizedTensor, codec, formats
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -111,9 +111,7 @@ class _HeaderReader:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise self.fail(
-                f"{what} is not valid UTF-8 ({e.reason} at byte {self.pos - len(raw) + e.start})"
-            ) from None
+            raise self.fail(f"{what} is not valid UTF-8 ({e.reason} at byte {self.pos - len(raw) + e.start})") from None
 
     def value_type(self, what: str) -> GGUFValueType:
         type_id = self.u32(f"type of {what}")
@@ -194,21 +192,14 @@ class GGUFFile:
             type_name = _type_name(reader.u32(f"type of tensor {name}"))
             offset = reader.u64(f"offset of tensor {name}")
             if type_name not in GGUF_TYPES:
-                raise reader.fail(
-                    f"unsupported type {type_name} for tensor {name} (readable: {', '.join(GGUF_TYPES)})"
-                )
+                raise reader.fail(f"unsupported type {type_name} for tensor {name} (readable: {', '.join(GGUF_TYPES)})")
             block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
             if dims[0] % block:
                 raise reader.fail(
-                    f"tensor {name} of type {type_name} has rows of {dims[0]} values, "
-                    f"not a multiple of {block}"
+                    f"tensor {name} of type {type_name} has rows of {dims[0]} values, not a multiple of {block}"
                 )
             if offset != expected:
-                after = (
-                    f"where {infos[-1][0]} ({infos[-1][1]} {list(infos[-1][2][::-1])}) ends"
-                    if infos
-                    else "first"
-                )
+                after = f"where {infos[-1][0]} ({infos[-1][1]} {list(infos[-1][2][::-1])}) ends" if infos else "first"
                 raise reader.fail(f"tensor {name} is at data offset {offset}, expected {expected} ({after})")
             nbytes = prod(dims) // block * block_bytes
             infos.append((name, type_name, dims, offset, nbytes))
@@ -223,9 +214,7 @@ class GGUFFile:
                     f"truncated at byte {reader.size}: tensor {name} ({type_name} {list(dims)[::-1]}) "
                     f"needs bytes {data_start + offset}..{data_start + offset + nbytes}"
                 )
-            tensors[name] = GGUFTensorInfo(
-                name, type_name, torch.Size(dims[::-1]), data_start + offset, nbytes
-            )
+            tensors[name] = GGUFTensorInfo(name, type_name, torch.Size(dims[::-1]), data_start + offset, nbytes)
         return tensors
 
     def read(self, name: str) -> QuantizedTensor:
@@ -237,15 +226,9 @@ class GGUFFile:
             # Copy-on-write mapping: a writable view for torch that never changes the file.
             self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
         raw = torch.from_numpy(self._map[info.offset : info.offset + info.nbytes])
-        fmt = codec(info.type)
-        data = (
-            raw.view(fmt.dtype).view(info.shape)
-            if isinstance(fmt, PlainCodec)
-            else raw.view(fmt.byte_shape(info.shape))
-        )
-        return QuantizedTensor.from_tensors(
-            info.type, info.shape, {"data": data}, origin=f"{self.path}:{name}"
-        )
+        ((dtype, shape),) = codec(info.type).layout(torch.Size(info.shape)).values()
+        data = raw.view(dtype).view(shape)
+        return QuantizedTensor.from_tensors(info.type, info.shape, {"data": data}, origin=f"{self.path}:{name}")
 
 
 def _align(n: int, alignment: int) -> int:
@@ -284,9 +267,7 @@ def _value_type(key: str, value: Any) -> tuple[GGUFValueType, GGUFValueType | No
         return GGUFValueType.FLOAT32, None
     if isinstance(value, str):
         return GGUFValueType.STRING, None
-    raise KontextError(
-        f"GGUF metadata {key}: cannot store {value!r} (a bool, int, float, str or non-empty list)"
-    )
+    raise KontextError(f"GGUF metadata {key}: cannot store {value!r} (a bool, int, float, str or non-empty list)")
 
 
 def _tensor_bytes(name: str, qt: QuantizedTensor) -> tuple[np.ndarray, GGMLQuantizationType]:

@@ -1,4 +1,4 @@
-"""What every GGUF block format shares: sizes, payload checks, the block-wise driver, bit unpacking.
+"""What every GGUF block format shares: sizes, payload layout, random blocks, bit unpacking.
 
 A GGUF block tensor stores ``data`` as uint8 of shape ``(*shape[:-1], shape[-1] // block * bytes)``:
 each row of the logical tensor is a run of fixed-size blocks, exactly as the file holds it.
@@ -10,7 +10,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ...errors import KontextError
-from .base import Codec, QuantizedTensor, codec, expect_dtype, expect_shape, fill_by_chunks
+from .base import Codec, QuantizedTensor, codec, fill_by_chunks, random_tensor
 
 
 def half(blocks: torch.Tensor, at: int) -> torch.Tensor:
@@ -42,26 +42,27 @@ class BlockCodec(Codec):
             return f"the last dimension must be a multiple of {self.block_size}"
         return None
 
-    def check(self, qt: QuantizedTensor) -> str | None:
-        return (
-            self.shape_problem(qt.shape)
-            or expect_dtype(qt.data, "data", torch.uint8)
-            or expect_shape(qt.data, "data", self.byte_shape(qt.shape))
-        )
+    def layout(self, shape: torch.Size) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {"data": (torch.uint8, self.byte_shape(shape))}
 
     def decode(self, blocks: torch.Tensor) -> torch.Tensor:
         """uint8 blocks ``[n, type_size]`` -> float32 values ``[n, block_size]``."""
         raise NotImplementedError
-
-    def dequantize_into(self, qt: QuantizedTensor, out: torch.Tensor) -> None:
-        blocks = qt.data.reshape(-1, self.type_size)
-        fill_by_chunks(out.view(-1, self.block_size), lambda a, b: self.decode(blocks[a:b]))
 
     def operands(self, qt: QuantizedTensor) -> tuple[torch.Tensor, ...]:
         return (qt.data.reshape(-1, self.type_size),)
 
     def values(self, *operands: torch.Tensor) -> torch.Tensor:
         return self.decode(*operands)
+
+    def random(self, shape: torch.Size, generator: torch.Generator) -> QuantizedTensor:
+        """Random blocks with finite random float16 scales (the codes use every bit pattern)."""
+        n_blocks = shape.numel() // self.block_size
+        blocks = torch.randint(0, 256, (n_blocks, self.type_size), dtype=torch.uint8, generator=generator)
+        for at in self.half_fields:
+            scales = (torch.randn(n_blocks, 1, generator=generator) * 0.01).half()
+            blocks[:, at : at + 2] = scales.view(torch.uint8)
+        return QuantizedTensor(self.name, shape, blocks.view(self.byte_shape(shape)))
 
 
 class QuantizingBlockCodec(BlockCodec):
@@ -83,10 +84,4 @@ def random_blocks(format: str, shape: tuple[int, ...], generator: torch.Generato
     found = codec(format)
     if not isinstance(found, BlockCodec):
         raise KontextError(f"{format} is not a GGUF block format")
-    shape = torch.Size(shape)
-    n_blocks = shape.numel() // found.block_size
-    blocks = torch.randint(0, 256, (n_blocks, found.type_size), dtype=torch.uint8, generator=generator)
-    for at in found.half_fields:
-        scales = (torch.randn(n_blocks, 1, generator=generator) * 0.01).half()
-        blocks[:, at : at + 2] = scales.view(torch.uint8)
-    return QuantizedTensor.from_tensors(format, shape, {"data": blocks.view(found.byte_shape(shape))})
+    return random_tensor(format, shape, generator)

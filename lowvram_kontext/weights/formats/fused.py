@@ -37,7 +37,7 @@ from importlib.util import find_spec
 import torch
 
 from ...errors import KontextError
-from .base import Codec, QuantizedTensor, codec
+from .base import QuantizedTensor, by_rows, codec
 from .plain import PlainCodec
 
 ROUTES = ("compiled", "kernel")
@@ -116,10 +116,9 @@ def _kernels() -> types.ModuleType:
 
 def default_route(qt: QuantizedTensor, out: torch.Tensor) -> str | None:
     """The route ``dequantize`` takes for ``qt`` into ``out``, or None where the PyTorch path is as good."""
-    fmt = codec(qt.format)
-    if type(fmt).values is Codec.values or out.numel() == 0:
+    if out.numel() == 0:
         return None
-    if isinstance(fmt, PlainCodec):
+    if isinstance(codec(qt.format), PlainCodec):
         return None  # a plain copy or cast is already one pass (measured: compiling fp16 -> bf16 was slower)
     if qt.format in _kernels().FORMATS and out.numel() < 2**31:  # the kernels index with int32
         return "kernel"
@@ -176,10 +175,9 @@ def compile_count(format: str) -> int:
 
 def _compiled_into(qt: QuantizedTensor, out: torch.Tensor) -> None:
     operands = codec(qt.format).operands(qt)
-    rows = operands[0].shape[0]
-    target = out.view(-1) if operands[0].dim() == 1 else out.view(rows, -1)
-    for t in (target, *operands):
-        if t.dim() and t.shape[0] == rows:
+    target, along = by_rows(operands, out)
+    for t, split in zip((target, *operands), (True, *along), strict=True):
+        if split:
             torch._dynamo.maybe_mark_dynamic(t, 0)
     _compiled_function(qt.format)(target, *operands)
 

@@ -33,6 +33,8 @@ class LevelCodec(BlockCodec):
 class IQ4_NLCodec(LevelCodec):
     name = "IQ4_NL"
     half_fields = (0,)
+    dequant_gbps = 1350.0
+    torch_dequant_gbps = 115.0
 
     def values(self, blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         return half(blocks, 0) * table[split_bits(blocks[:, 2:18], 4).reshape(-1, 32).long()]
@@ -41,6 +43,8 @@ class IQ4_NLCodec(LevelCodec):
 class IQ4_XSCodec(LevelCodec):
     name = "IQ4_XS"
     half_fields = (0,)
+    dequant_gbps = 1300.0
+    torch_dequant_gbps = 76.0
 
     def values(self, blocks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]

@@ -98,9 +98,7 @@ def _fit_with_min(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor
         scale = torch.where(sum_qq > 0, scale, 0).clamp(min=0)
         # sum((scale * q + offset - x)^2), expanded
         error = (
-            scale * (scale * sum_qq + 2 * offset * sum_q - 2 * sum_xq)
-            + offset * (count * offset - 2 * sum_x)
-            + sum_xx
+            scale * (scale * sum_qq + 2 * offset * sum_q - 2 * sum_xq) + offset * (count * offset - 2 * sum_x) + sum_xx
         )
         better = error < best_error
         best_error = torch.where(better, error, best_error)
@@ -162,9 +160,7 @@ def _encode_with_min(values: torch.Tensor, size: int, top: int, levels: int) -> 
     return d, dmin, scales.int(), mins.int(), q
 
 
-def _encode_symmetric(
-    values: torch.Tensor, half_range: int, scale_half_range: int
-) -> tuple[torch.Tensor, ...]:
+def _encode_symmetric(values: torch.Tensor, half_range: int, scale_half_range: int) -> tuple[torch.Tensor, ...]:
     """Sub-blocks of 16 -> d [n, 1] (float32), signed scale codes [n, 16] and codes [n, 256] shifted
     to 0..2 * half_range - 1 (int32)."""
     x = values.view(values.shape[0], 16, 16)
@@ -176,6 +172,8 @@ def _encode_symmetric(
 class Q2_KCodec(QuantizingBlockCodec):
     name = "Q2_K"
     half_fields = (80, 82)
+    dequant_gbps = 1300.0
+    torch_dequant_gbps = 90.0
 
     def decode(self, blocks: torch.Tensor) -> torch.Tensor:
         sub = blocks[:, 0:16]
@@ -193,6 +191,8 @@ class Q2_KCodec(QuantizingBlockCodec):
 class Q3_KCodec(QuantizingBlockCodec):
     name = "Q3_K"
     half_fields = (108,)
+    dequant_gbps = 1300.0
+    torch_dequant_gbps = 57.0
 
     def decode(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
@@ -216,9 +216,11 @@ class Q45_KCodec(QuantizingBlockCodec):
     """Q4_K, and Q5_K when ``high_bits`` (a 32-byte run of fifth bits before the nibbles)."""
 
     half_fields = (0, 2)
+    dequant_gbps = 1300.0
 
-    def __init__(self, name: str, high_bits: bool) -> None:
+    def __init__(self, name: str, high_bits: bool, torch_dequant_gbps: float) -> None:
         self.name = name
+        self.torch_dequant_gbps = torch_dequant_gbps
         super().__init__()
         self.high_bits = high_bits
 
@@ -243,6 +245,8 @@ class Q45_KCodec(QuantizingBlockCodec):
 class Q6_KCodec(QuantizingBlockCodec):
     name = "Q6_K"
     half_fields = (208,)
+    dequant_gbps = 1300.0
+    torch_dequant_gbps = 69.0
 
     def decode(self, blocks: torch.Tensor) -> torch.Tensor:
         scale = half(blocks, 208) * blocks[:, 192:208].view(torch.int8).float()
@@ -259,6 +263,6 @@ class Q6_KCodec(QuantizingBlockCodec):
 
 register(Q2_KCodec())
 register(Q3_KCodec())
-register(Q45_KCodec("Q4_K", high_bits=False))
-register(Q45_KCodec("Q5_K", high_bits=True))
+register(Q45_KCodec("Q4_K", high_bits=False, torch_dequant_gbps=46.0))
+register(Q45_KCodec("Q5_K", high_bits=True, torch_dequant_gbps=45.0))
 register(Q6_KCodec())

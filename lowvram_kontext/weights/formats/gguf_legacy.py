@@ -44,8 +44,11 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
 class LegacyCodec(QuantizingBlockCodec):
     """One of Q4_0, Q4_1, Q5_0, Q5_1 (``bits`` 4/5, with or without a minimum)."""
 
-    def __init__(self, name: str, bits: int, with_min: bool) -> None:
+    dequant_gbps = 1350.0
+
+    def __init__(self, name: str, bits: int, with_min: bool, torch_dequant_gbps: float) -> None:
         self.name = name
+        self.torch_dequant_gbps = torch_dequant_gbps
         super().__init__()
         self.bits = bits
         self.with_min = with_min
@@ -87,6 +90,8 @@ class LegacyCodec(QuantizingBlockCodec):
 class Q8_0Codec(QuantizingBlockCodec):
     name = "Q8_0"
     half_fields = (0,)
+    dequant_gbps = 750.0
+    torch_dequant_gbps = 200.0
 
     def decode(self, blocks: torch.Tensor) -> torch.Tensor:
         return blocks[:, 2:].view(torch.int8).float() * half(blocks, 0)
@@ -97,8 +102,8 @@ class Q8_0Codec(QuantizingBlockCodec):
         return torch.cat([d.half().view(torch.uint8), q.view(torch.uint8)], dim=1)
 
 
-register(LegacyCodec("Q4_0", bits=4, with_min=False))
-register(LegacyCodec("Q4_1", bits=4, with_min=True))
-register(LegacyCodec("Q5_0", bits=5, with_min=False))
-register(LegacyCodec("Q5_1", bits=5, with_min=True))
+register(LegacyCodec("Q4_0", bits=4, with_min=False, torch_dequant_gbps=125.0))
+register(LegacyCodec("Q4_1", bits=4, with_min=True, torch_dequant_gbps=115.0))
+register(LegacyCodec("Q5_0", bits=5, with_min=False, torch_dequant_gbps=89.0))
+register(LegacyCodec("Q5_1", bits=5, with_min=True, torch_dequant_gbps=79.0))
 register(Q8_0Codec())

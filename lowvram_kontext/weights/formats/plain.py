@@ -9,28 +9,33 @@ from __future__ import annotations
 
 import torch
 
-from .base import Codec, QuantizedTensor, expect_dtype, expect_shape, register
+from .base import Codec, QuantizedTensor, register, trained_spread
 
 
 class PlainCodec(Codec):
+    dequant_gbps = torch_dequant_gbps = 700.0  # a cast, one pass
+    torch_dequant_temp_bytes = 0
+
     def __init__(self, name: str, dtype: torch.dtype) -> None:
         self.name = name
         self.dtype = dtype
 
-    def check(self, qt: QuantizedTensor) -> str | None:
-        return expect_dtype(qt.data, "data", self.dtype) or expect_shape(qt.data, "data", tuple(qt.shape))
-
-    def dequantize_into(self, qt: QuantizedTensor, out: torch.Tensor) -> None:
-        out.copy_(qt.data)
+    def layout(self, shape: torch.Size) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {"data": (self.dtype, tuple(shape))}
 
     def operands(self, qt: QuantizedTensor) -> tuple[torch.Tensor, ...]:
         return (qt.data.reshape(-1),)
 
     def values(self, data: torch.Tensor) -> torch.Tensor:
-        return data.float()
+        return data  # copied into the output as they are: one pass, no float32 temporaries
 
     def quantize(self, tensor: torch.Tensor) -> QuantizedTensor:
         return QuantizedTensor(self.name, tensor.shape, tensor.detach().to(self.dtype).contiguous())
+
+    def random(self, shape: torch.Size, generator: torch.Generator) -> QuantizedTensor:
+        """Normal draws of a trained weight's spread."""
+        data = torch.empty(shape, dtype=self.dtype).normal_(0, trained_spread(shape), generator=generator)
+        return QuantizedTensor(self.name, shape, data)
 
 
 for _name, _dtype in [
