@@ -151,7 +151,7 @@ class Components:
             self._held[name] = model
         if not use_engine:
             return model.to(self.device)
-        self._engines[name] = stream_model(model, self.device, self._stream_settings(name, planned))
+        self._engines[name] = stream_model(model, self.device, self._stream_settings(planned))
         return model
 
     def done_with(self, name: str, stay: bool = False) -> None:
@@ -175,17 +175,15 @@ class Components:
         """The plan's stage for the transformer or T5 (whose format and streaming it decides), else None."""
         return self.plan.stage(name) if self.plan is not None and name in BLOCK_COMPONENTS else None
 
-    def _stream_settings(self, name: str, planned: StagePlan) -> StreamSettings:
-        """How ``name`` streams: the plan's resident blocks and prefetch, the profile's host tier, and
-        what is left of its pinned cap after the other engines."""
-        profile = self.plan.profile
-        host = (profile.transformer if name == "transformer" else profile.t5).host
+    def _stream_settings(self, planned: StagePlan) -> StreamSettings:
+        """How a component streams: the plan's resident blocks, prefetch and host tier, and what is
+        left of the plan's pinned cap after the other engines."""
         pinned_elsewhere = sum(e.pinned_bytes for e in self._engines.values())
         return StreamSettings(
             resident=planned.resident_blocks,
             prefetch=planned.prefetch,
-            host=host,
-            pinned_cap_bytes=max(profile.pinned_cap_bytes - pinned_elsewhere, 0),
+            host=planned.host_tier,
+            pinned_cap_bytes=max(planned.pinned_cap_bytes - pinned_elsewhere, 0),
             cache_dir=self.cache_dir,
             measure=self.device.type == "cuda",
             keep_host=self.keep_weights,

@@ -21,7 +21,7 @@ from lowvram_kontext.lora import LoraSpec, LoraStack, apply, model_layers
 from lowvram_kontext.models.flux import FluxTransformer
 from lowvram_kontext.offload import StreamSettings, stream_model
 from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
-from lowvram_kontext.planner import ModelSizes, Streaming, load_profiles, plan
+from lowvram_kontext.planner import ModelSizes, Streaming, VaeSettings, load_profiles, plan
 from lowvram_kontext.prompt_cache import PromptCache
 from lowvram_kontext.tiny import TINY_FLUX
 from lowvram_kontext.tokenizers import load_tokenizers
@@ -378,7 +378,9 @@ SIZE = 48
 def _plan(root: Path, name: str = "streamed", stack: LoraStack | None = None):  # noqa: ANN202
     profiles = load_profiles()
     streamed = Streaming(format="nf4", resident_blocks=1, prefetch=1, host="pageable")
-    profiles[name] = replace(profiles["nf4-stream"], name=name, transformer=streamed, t5=streamed, vae_tile="never")
+    profiles[name] = replace(
+        profiles["nf4-stream"], name=name, transformer=streamed, t5=streamed, vae=VaeSettings("never")
+    )
     paths = ModelPaths.resolve(model=root / "diffusers")
     sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
     machine = Machine.cpu_only(ram_total=64 * GIB, ram_available=48 * GIB).with_budget(8 * GIB)

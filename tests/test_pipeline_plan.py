@@ -16,7 +16,7 @@ from lowvram_kontext.demo import demo_image
 from lowvram_kontext.errors import KontextError
 from lowvram_kontext.hardware import Machine
 from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
-from lowvram_kontext.planner import ModelSizes, Plan, Streaming, load_profiles, plan
+from lowvram_kontext.planner import ModelSizes, Plan, Streaming, VaeSettings, load_profiles, plan
 from lowvram_kontext.progress import Progress
 from lowvram_kontext.weights.compressed_linear import ScratchPool
 
@@ -33,7 +33,9 @@ def _plan(
 ) -> tuple[Plan, dict]:
     profiles = load_profiles()
     streamed = Streaming(format=fmt, resident_blocks=resident, prefetch=1, host="pageable")
-    profiles[name] = replace(profiles["nf4-stream"], name=name, transformer=streamed, t5=streamed, vae_tile=tile)
+    profiles[name] = replace(
+        profiles["nf4-stream"], name=name, transformer=streamed, t5=streamed, vae=VaeSettings(tile)
+    )
     paths = _paths(root)
     sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
     machine = Machine.cpu_only(ram_total=64 * GIB, ram_available=48 * GIB).with_budget(8 * GIB)

@@ -3,7 +3,7 @@
 import json
 import math
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lowvram_kontext import cli
+from lowvram_kontext.commands.plan import explain, plan_dict
 from lowvram_kontext.errors import KontextError
 from lowvram_kontext.hardware import GIB, Machine
 from lowvram_kontext.models.autoencoder import AutoEncoderConfig
@@ -24,6 +25,7 @@ from lowvram_kontext.planner import (
     PROFILES_ENV,
     BudgetTooSmall,
     ModelSizes,
+    VaeSettings,
     clip_part,
     flux_parts,
     load_profile_file,
@@ -33,9 +35,9 @@ from lowvram_kontext.planner import (
     t5_parts,
     transformer_activation_bytes,
     vae_part,
-    writable,
 )
-from lowvram_kontext.weights.formats import formats, quantize, random_blocks
+from lowvram_kontext.planner.profiles import key, parse_table
+from lowvram_kontext.weights.formats import codec, formats, quantize, random_blocks
 from lowvram_kontext.weights.gguf_file import write_gguf
 from lowvram_kontext.weights.safetensors_file import SafetensorsFile
 
@@ -66,7 +68,7 @@ def test_storage_bytes_equal_what_each_format_really_stores() -> None:
     generator = torch.Generator().manual_seed(0)
     shape = (64, 512)
     for fmt in formats():
-        if writable(fmt):
+        if codec(fmt).writable:
             held = quantize(torch.randn(shape, generator=generator), fmt)
         else:
             held = random_blocks(fmt, shape, generator)
@@ -252,7 +254,7 @@ def test_an_explicit_profile_wins_and_says_whether_it_fits(profiles) -> None:
     small = plan(machine(4, 64), profiles, 1024, 1024, profile_name="resident-bf16")
     assert small.profile.name == "resident-bf16" and small.explicit and not small.fits
     assert any(reason.startswith("transformer needs") for reason in small.why_not())
-    assert "DOES NOT FIT" in small.explain() and json.loads(small.to_json())["fits"] is False
+    assert "DOES NOT FIT" in explain(small) and plan_dict(small)["fits"] is False
     slower = plan(machine(24, 64), profiles, 1024, 1024, profile_name="nf4-stream")
     assert slower.profile.name == "nf4-stream" and slower.fits
     assert slower.seconds_per_step > plan(machine(24, 64), profiles, 1024, 1024).seconds_per_step
@@ -294,7 +296,7 @@ def test_host_tiers_and_their_copy_times(profiles) -> None:
     assert stage.host.pageable > 0 and stage.host.pinned - staging <= cap
     assert stage.host.pinned - staging + stage.host.pageable == stage.streamed_bytes
     # The same profile with a cap that pins every streamed byte copies faster.
-    uncapped = replace(partial.profile, name="uncapped", pinned_cap_gib=64)
+    uncapped = replace(partial.profile, name="uncapped", memory=replace(partial.profile.memory, pinned_cap_gib=64))
     roomy = plan(machine(4, 64), {"uncapped": uncapped}, 1024, 1024).stage("transformer")
     assert roomy.streamed_bytes == stage.streamed_bytes and roomy.host.pageable == 0
     assert roomy.transfer_seconds < stage.transfer_seconds
@@ -331,7 +333,7 @@ def test_successive_edits_keep_the_whole_model_in_host_memory(profiles) -> None:
     rest = clip_part(sizes.clip).nbytes("bf16") + vae_part(sizes.vae).nbytes("bf16")
 
     kept = plan(machine(8, 32), profiles, 1024, 1024, profile_name="nf4-stream", keep_weights=True)
-    assert kept.fits and kept.keeps_weights and "kept for successive edits" in kept.explain()
+    assert kept.fits and kept.keeps_weights and "kept for successive edits" in explain(kept)
     assert kept.host.pinned == min(transformer + t5, kept.profile.pinned_cap_bytes)  # nf4-stream pins up to 12 GiB
     assert kept.host.pinned + kept.host.pageable == transformer + t5 + rest
     single_edit = plan(machine(8, 32), profiles, 1024, 1024, profile_name="nf4-stream")
@@ -352,7 +354,7 @@ def test_vae_tiles_when_the_whole_image_does_not_fit(profiles) -> None:
     tight = plan(machine(2.2, 64), profiles, 1024, 1024, profile_name="all-nf4-stream")
     decode = tight.stage("vae_decode")
     assert decode.tile in (768, 512, 384, 256, 128) and decode.fits
-    never = replace(profiles["all-nf4-stream"], name="never", vae_tile="never")
+    never = replace(profiles["all-nf4-stream"], name="never", vae=VaeSettings("never"))
     untiled = plan(machine(2.2, 64), {"never": never}, 1024, 1024, profile_name="never").stage("vae_decode")
     assert untiled.tile is None and not untiled.fits and untiled.peak_bytes > decode.peak_bytes
 
@@ -392,6 +394,21 @@ def test_malformed_profiles_name_the_file_and_key(tmp_path: Path, old: str, new:
         load_profile_file(path)
     message = str(raised.value)
     assert message.startswith(f"{path}: ") and key in message and "\n" not in message
+
+
+def test_a_profile_key_is_one_field_a_default_makes_optional() -> None:
+    @dataclass(frozen=True)
+    class Table:
+        needed: int = key(int)
+        optional: int = key(int, default=3)
+
+    path = Path("mine.toml")
+    assert parse_table(path, {"needed": 1}, Table) == Table(1, 3)
+    assert parse_table(path, {"needed": 1, "optional": 2}, Table) == Table(1, 2)
+    with pytest.raises(KontextError, match=r"^mine.toml: missing key needed$"):
+        parse_table(path, {"optional": 2}, Table)
+    with pytest.raises(KontextError, match=r"^mine.toml: optional: invalid literal"):
+        parse_table(path, {"needed": 1, "optional": "x"}, Table)
 
 
 def _setting(text: str, old: str, new: str) -> str:
@@ -481,7 +498,6 @@ def test_plan_command_without_a_gpu(capsys: pytest.CaptureFixture[str], tiny_roo
     assert code == 0 and "machine: no CUDA GPU: a hypothetical card, VRAM 8.0 of 8.0 GiB usable" in out
 
 
-
 @pytest.mark.parametrize(
     "old, new",
     [("4gb", "all-nf4-stream"), ("6gb", "all-nf4-stream-desktop"), ("8gb", "nf4-stream"),
@@ -497,5 +513,5 @@ def test_aliases_must_be_a_list_of_names(tmp_path: Path) -> None:
     text = (PROFILES_DIR / "nf4-stream.toml").read_text()
     bad = tmp_path / "nf4-stream.toml"
     bad.write_text(text.replace('aliases = ["8gb"]', 'aliases = "8gb"'))
-    with pytest.raises(KontextError, match="aliases must be a list of names"):
+    with pytest.raises(KontextError, match="aliases: expected a list of names"):
         load_profile_file(bad)

@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from lowvram_kontext.commands.edit import _plan
+from lowvram_kontext.commands.plan import explain
 from lowvram_kontext.demo import demo_image
 from lowvram_kontext.errors import KontextError
 from lowvram_kontext.hardware import GIB
+from lowvram_kontext.lora import LoraStack
 from lowvram_kontext.paths import cache_dir
 from lowvram_kontext.pipeline import KontextPipeline, default_dtype
 from lowvram_kontext.planner import load_profiles, resolve_profile
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     plan_args = argparse.Namespace(vram_budget=args.vram_budget, profile=profile.name, gpu=None, ram=None, ref=[])
     no_loras = LoraStack.of_files([], paths.transformer, paths.clip, paths.t5)
     chosen, replan = _plan(plan_args, paths, device, False, no_loras, args.size, args.size)
-    progress.detail(chosen.explain())
+    progress.detail(explain(chosen))
     dtype = default_dtype(device)
     pipeline = KontextPipeline(paths, device, dtype, progress, plan=chosen, cache_dir=cache_dir(), replan=replan)
     first = pipeline.plan.profile.name

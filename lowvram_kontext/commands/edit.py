@@ -42,6 +42,7 @@ from .options import (
     planning_machine,
     reference_images,
 )
+from .plan import explain
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -159,7 +160,7 @@ def open_pipeline(
             f"profile {chosen.profile.name}: predicted peak {chosen.peak_bytes / 2**30:.2f} GiB, "
             f"{chosen.seconds_per_step:.2f} s/step"
         )
-        progress.detail(chosen.explain())
+        progress.detail(explain(chosen))
     pipeline = KontextPipeline(
         paths,
         device=device,

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import asdict
+from typing import Any
 
 from ..errors import KontextError
+from ..hardware import GIB
 from ..pipeline import component_paths
-from ..planner import ModelSizes, load_profiles, plan
+from ..planner import DEFAULT_EDIT_STEPS, ModelSizes, Plan, gib_text, load_profiles, plan
 from ..weights.loading import COMPONENTS
 from .options import add_model_options, add_plan_options, chosen_profile, planning_machine
 
 DEFAULT_SIZE = 1024
+ROUTES = {"triton": "Triton kernels", "torch": "PyTorch, without Triton: slower"}  # how dequantization runs
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -49,5 +54,91 @@ def run(args: argparse.Namespace) -> int:
     if machine is None:
         raise KontextError("no CUDA GPU here: pass --vram-budget SIZE to plan for a card of that size")
     result = plan(machine, profiles, width, height, _model_sizes(args), name, keep_weights=args.successive)
-    print(result.to_json() if args.json else result.explain())
+    print(json.dumps(plan_dict(result), indent=2, default=str) if args.json else explain(result))
     return 0
+
+
+def plan_dict(result: Plan) -> dict[str, Any]:
+    """The plan as plain data for ``--json``: every figure, in bytes and seconds."""
+    return {
+        "profile": result.profile.name,
+        "description": result.profile.description,
+        "explicit": result.explicit,
+        "keeps_weights": result.keeps_weights,
+        "fits": result.fits,
+        "problems": list(result.why_not()),
+        "width": result.width,
+        "height": result.height,
+        "tokens": {"text": result.text_tokens, "image": result.image_tokens},
+        "machine": asdict(result.machine),
+        "budget_bytes": result.budget_bytes,
+        "margin_bytes": result.profile.margin_bytes,
+        "peak_bytes": result.peak_bytes,
+        "seconds_per_step": result.seconds_per_step,
+        "seconds_per_edit": result.seconds_per_edit(),
+        "dtype": result.dtype,
+        "dequant_route": result.machine.dequant_route,
+        "step": {
+            "compute_s": result.compute_seconds,
+            "transfer_s": result.transfer_seconds,
+            "dequant_s": result.dequant_seconds,
+            "link_gbps": result.link_gbps,
+            "link_measured": result.link_measured,
+        },
+        "host": asdict(result.host),
+        "stages": [
+            {**asdict(s), "peak_bytes": s.peak_bytes, "streamed_blocks": s.streamed_blocks, "slots": s.slots}
+            for s in result.stages
+        ],
+        "candidates": [asdict(c) for c in result.candidates],
+    }
+
+
+def explain(result: Plan) -> str:
+    """A table for people: each stage, the step time, host memory and the profiles compared."""
+    gib = gib_text
+    how = "chosen by --profile" if result.explicit else "the fastest profile that fits"
+    verdict = "fits" if result.fits else "DOES NOT FIT: " + "; ".join(result.why_not())
+    link = f"{result.link_gbps:.1f} GB/s " + (
+        "measured" if result.link_measured else "the card's PCIe" if result.machine.card_link_gbps else "assumed"
+    )
+    lines = [
+        f"profile {result.profile.name} ({how}): {result.profile.description}",
+        f"machine: {result.machine.describe()}",
+        f"image {result.width}x{result.height}: {result.text_tokens} text + {result.image_tokens} image tokens; "
+        f"VRAM budget {gib(result.budget_bytes)} (margin {gib(result.profile.margin_bytes)}): {verdict}",
+        "",
+        f"{'stage':<12} {'format':<9} {'resident':<14} {'streamed':<20} {'slots':<15} {'tile':<6} {'peak':>10}  fits",
+    ]
+    for s in result.stages:
+        resident = f"{s.resident_blocks}/{s.blocks} blocks" if s.blocks else "all"
+        streamed = f"{s.streamed_blocks} ({gib(s.streamed_bytes)})" if s.streamed_blocks else "-"
+        slots = f"{s.slots} x {gib(s.slot_bytes)}" if s.slots else "-"
+        tile = str(s.tile) if s.tile else "-"
+        lines.append(
+            f"{s.name:<12} {s.format:<9} {resident:<14} {streamed:<20} {slots:<15} {tile:<6} "
+            f"{gib(s.peak_bytes):>10}  {'yes' if s.fits else 'NO'}"
+        )
+    lines += [
+        "",
+        f"predicted {result.seconds_per_step:.3f} s/step = max(compute {result.compute_seconds:.3f}, "
+        f"transfer {result.transfer_seconds:.3f} at {link}) + dequantize {result.dequant_seconds:.3f} "
+        f"({ROUTES[result.machine.dequant_route]}); {result.dtype}",
+        f"predicted {result.seconds_per_edit():.1f} s per edit of {DEFAULT_EDIT_STEPS} steps "
+        f"(text encoders and VAE {result.other_stage_seconds:.2f} s; loading not counted)",
+        f"host: pinned {gib(result.host.pinned)}, pageable {gib(result.host.pageable)}, "
+        f"mapped {gib(result.host.mapped)}"
+        + (f", disk {gib(result.host.disk)}" if result.host.disk else "")
+        + (" (the whole model kept for successive edits)" if result.keeps_weights else ""),
+        "peak by what holds it:",
+    ]
+    for s in result.stages:
+        parts = ", ".join(f"{name} {value / GIB:.2f}" for name, value in s.terms.items() if value)
+        lines.append(f"  {s.name:<12} {parts} (GiB)")
+    if result.candidates:
+        lines += ["", "profiles compared (fitting ones fastest first):"]
+        for c in result.candidates:
+            status = "fits" if c.fits else "no: " + "; ".join(c.problems)
+            lines.append(f"  {c.name:<14} {c.seconds_per_step:7.3f} s/step  peak {gib(c.peak_bytes):>10}  {status}")
+    lines.append("(predictions from the memory model in lowvram_kontext/planner/, to be checked by measurement)")
+    return "\n".join(lines)

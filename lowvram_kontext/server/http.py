@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..commands.plan import explain
 from ..errors import KontextError
 from .editing import PageEditor
 from .gallery import MAX_UPLOAD_BYTES, Gallery
@@ -294,7 +295,7 @@ class PageHandler(BaseHTTPRequestHandler):
         if chosen is None:
             text = f"No memory plan: on the {pipeline.device.type.upper()} every component is loaded whole."
         else:
-            text = chosen.explain()
+            text = explain(chosen)
         return {"profile": chosen.profile.name if chosen else None, "text": text, "on_device": pipeline.on_device}
 
     def _image(self, number: int, download: bool) -> None:
