@@ -34,6 +34,7 @@ import psutil
 import torch
 from PIL import Image
 
+from .compute import compiled
 from .demo import demo_image
 from .errors import KontextError
 from .hardware import GIB, MIB, Machine, cap_allocator, detect, process_vram_bytes
@@ -70,6 +71,8 @@ class BenchSettings:
     references: int = 0  # reference images beside the input (--ref), each at the edit's size
     lora_rank: int = 0  # a random LoRA of this rank on every layer of every transformer block (0: none)
     dtypes: tuple[str, ...] = ("auto",)  # compute dtypes, each profile runs in each (see pipeline.compute_dtype)
+    compute: str = "auto"  # the transformer's route (compute.routes.CHOICES)
+    compile: str = "auto"  # compiled blocks: auto, on, off
 
 
 @dataclass
@@ -114,6 +117,9 @@ class Row:
     predicted_streamed_bytes_per_step: int = 0
     bytes_streamed_per_step: int | None = None
     h2d_gbps: float | None = None  # achieved by the block copies
+    route: str | None = None  # the transformer's compute route
+    compile_seconds: float | None = None  # first calls of its compiled block kinds (None: eager)
+    compile_cache_hits: int = 0  # of those, graphs loaded from the on-disk compile cache (a cached start)
     resident_profile: str | None = None  # the resident twin it is compared with
     ratio_to_resident: float | None = None
     floor_seconds_per_step: float | None = None
@@ -160,7 +166,8 @@ class BenchReport:
         """One line per profile, then the notes."""
         header = (
             f"{'profile':<14} {'format':<9} {'budget':>10} {'s/step':>8} {'x res':>6} {'x floor':>7} "
-            f"{'pred GiB':>8} {'meas GiB':>8} {'err %':>6} {'host GiB':>8} {'GB/step':>8} {'GB/s':>6}  status"
+            f"{'pred GiB':>8} {'meas GiB':>8} {'err %':>6} {'host GiB':>8} {'GB/step':>8} {'GB/s':>6} "
+            f"{'route':<6} {'compile':>8}  status"
         )
         lines = [header]
         for r in self.rows:
@@ -177,9 +184,10 @@ class BenchReport:
                 f"{_num(r.seconds_per_step, 3):>8} {_num(r.ratio_to_resident, 2):>6} {_num(r.ratio_to_floor, 2):>7} "
                 f"{_gib(r.predicted_peak):>8} {_gib(r.measured_peak):>8} "
                 f"{_num(r.peak_error_pct.get('peak'), 1):>6} {_gib(r.host_ram_peak_bytes):>8} {_num(streamed, 3):>8} "
-                f"{_num(r.h2d_gbps, 1):>6}  {status}"
+                f"{_num(r.h2d_gbps, 1):>6} {r.route or '-':<6} {_compile_text(r):>8}  {status}"
             )
         lines.append(
+            "compile: seconds the first step spent compiling the blocks (c: loaded from the on-disk cache); "
             "pred/meas GiB: the largest stage's allocator peak, predicted (context and runtime reserve "
             "excluded) and measured (less components a session kept from earlier stages); "
             "* budget lifted"
@@ -195,6 +203,13 @@ class BenchReport:
                     f"{encoders}; kept on the GPU after it: {kept}"
                 )
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _compile_text(row: Row) -> str:
+    """Seconds its compiled blocks took to compile (``c``: loaded from the cache), or ``eager``."""
+    if row.compile_seconds is None:
+        return "eager"
+    return f"{row.compile_seconds:.1f}s" + ("c" if row.compile_cache_hits else "")
 
 
 def _num(value: float | None, digits: int) -> str:
@@ -315,7 +330,8 @@ class _Bench:
         if self.device.type == "cpu" and not settings.small:
             raise KontextError("without a CUDA GPU the bench runs only the tiny model: pass --small")
         self.cuda = self.device.type == "cuda"
-        self.dtypes = tuple(dict.fromkeys(compute_dtype(name, self.device) for name in settings.dtypes))
+        dtypes = (compute_dtype(name, self.device, settings.compute) for name in settings.dtypes)
+        self.dtypes = tuple(dict.fromkeys(dtypes))
         self.images: dict[tuple[str, bool, torch.dtype], torch.Tensor] = {}  # each row's output, for dtype errors
         self.profiles = load_profiles()
         settings = replace(settings, profiles=tuple(resolve_profile(self.profiles, n) for n in settings.profiles))
@@ -358,6 +374,7 @@ class _Bench:
             "profiles": [r.profile for r in rows], "budget_bytes": s.budget_bytes, "width": s.width,
             "height": s.height, "steps": s.steps, "warmup": s.warmup, "small": s.small, "lora_rank": s.lora_rank,
             "synthetic_dir": str(s.cache_dir), "prompt": PROMPT, "guidance": GUIDANCE, "seed": SEED,
+            "compute": s.compute, "compile": s.compile,
         }  # fmt: skip
         return BenchReport(self.machine_facts(), settings, rows, self.notes)
 
@@ -375,19 +392,23 @@ class _Bench:
         """(plan, budget enforced, lifted): a reference that does not fit the budget runs on the card."""
         s, profile = self.settings, self.profiles[name]
         machine, budget = self.card(profile, s.budget_bytes)
-        result = plan(
-            machine, self.profiles, s.width, s.height, sizes, name, keep_weights=s.session, references=s.references
-        )
+        result = self._plan(machine, sizes, name)
         if not (reference and not result.fits and s.budget_bytes is not None):
             return result, budget, False
         machine, budget = self.card(profile, None)
-        lifted = plan(
-            machine, self.profiles, s.width, s.height, sizes, name, keep_weights=s.session, references=s.references
-        )
+        lifted = self._plan(machine, sizes, name)
         where = "the whole card" if budget is None else f"a {_size(budget)} card"
         outcome = f"as a reference it runs on {where}" if lifted.fits else f"nor does it fit {where}"
         self.notes.append(f"{name} does not fit the {_size(s.budget_bytes)} budget; {outcome}")
         return lifted, budget, True
+
+    def _plan(self, machine: Machine, sizes: ModelSizes, name: str) -> Plan:
+        s = self.settings
+        compiles = compiled.resolve(s.compile, self.device)[0]
+        return plan(
+            machine, self.profiles, s.width, s.height, sizes, name, keep_weights=s.session,
+            references=s.references, compute=s.compute, compiled=compiles,
+        )  # fmt: skip
 
     def run_profile(self, name: str, reference: bool, dtype: torch.dtype) -> Row:
         s, profile = self.settings, self.profiles[name]
@@ -449,7 +470,7 @@ class _Bench:
                 cache = PromptCache(s.cache_dir / "prompts") if s.session else None
                 pipeline = KontextPipeline(
                     paths, self.device, dtype, probe, plan=result, cache_dir=s.cache_dir,
-                    keep_weights=s.session, prompt_cache=cache, loras=loras,
+                    keep_weights=s.session, prompt_cache=cache, loras=loras, compute=s.compute, compile=s.compile,
                 )  # fmt: skip
                 if cache is not None:
                     cache.clear()  # the first edit runs the text encoders, as a fresh run's would
@@ -479,6 +500,11 @@ class _Bench:
             row.seconds_per_step = statistics.median(row.step_seconds)
         row.stage_seconds, row.load_seconds = dict(stats.stage_seconds), dict(stats.load_seconds)
         row.bytes_streamed_per_step, row.h2d_gbps = stats.bytes_streamed_per_step, stats.h2d_gbps
+        row.route, row.compile_seconds, row.compile_cache_hits = (
+            stats.route,
+            stats.compile_seconds,
+            stats.compile_cache_hits,
+        )
         # Device figures: none on a CPU, where the pipeline records no peaks and the probe reads nothing.
         peaks = {name: stats.stage_peak_bytes.get(name) for name in STAGES}
         row.measured_peak_bytes = peaks

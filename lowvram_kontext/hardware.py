@@ -68,6 +68,7 @@ class Machine:
     memory_gbps: float | None = None
     dequant_route: str = "triton"
     card_link_gbps: float | None = None  # the card's own PCIe link (table cards), when not measured
+    tensor_cores: bool = True  # False for GTX 16xx and older (table cards): no int8 tensor-core matmuls
 
     @property
     def has_gpu(self) -> bool:
@@ -129,6 +130,7 @@ class Machine:
             matmul_tflops=spec.tflops * REFERENCE_EFFICIENCY,
             memory_gbps=spec.memory_gbps,
             dequant_route="torch" if pascal or kernels_choice() == "torch" else "triton",
+            tensor_cores=spec.tensor_cores,
         )
 
     def with_ram(self, ram_bytes: int) -> Machine:
@@ -305,6 +307,7 @@ def detect(weights_path: Path | str | None = None, measure_link: bool = True) ->
         memory_gbps=spec.memory_gbps if spec else None,
         dequant_route=route_for(capability)[0],
         card_link_gbps=spec.link_gbps if spec else None,
+        tensor_cores=spec.tensor_cores if spec else True,
     )
 
 
@@ -321,9 +324,7 @@ def usable_now(machine: Machine, device: torch.device | str | int | None = None)
     return replace(machine, vram_free=max(usable, 0))
 
 
-def cap_allocator(
-    device: torch.device | str | int | None, budget_bytes: int, context_bytes: int | None = None
-) -> int:
+def cap_allocator(device: torch.device | str | int | None, budget_bytes: int, context_bytes: int | None = None) -> int:
     """Cap PyTorch's allocator on ``device`` so this process stays within ``budget_bytes`` in all.
 
     The CUDA context is outside the allocator, so the cap is the budget minus the context

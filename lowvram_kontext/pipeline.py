@@ -17,20 +17,26 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 
 from . import images, sampling
 from .components import Components
+from .compute import compiled, routes
 from .errors import KontextError
+from .gpus import known_gpu
 from .lora import Lora, LoraSpec, LoraStack
 from .lora import apply as lora_apply
 from .lora import attach as attach_lora
 from .models.autoencoder import AutoEncoderConfig
+from .offload.streaming import model_blocks
+from .paths import cache_dir as default_cache_dir
 from .planner import Plan
 from .progress import Progress
 from .prompt_cache import PromptCache, encoder_identity
 from .prompt_cache import key as cache_key
 from .tokenizers import load_tokenizers
 from .vae_tiling import decode_tiled, encode_tiled
+from .weights.compressed_linear import CompressedLinear
 from .weights.layouts.bundle import bundle_components
 from .weights.loading import COMPONENTS, open_component
 
@@ -133,6 +139,9 @@ class PipelineStats:
     bytes_streamed_per_step: int = 0
     h2d_gbps: float | None = None  # achieved by the transformer's block copies
     latent_finite: bool | None = None  # the last edit's sampled latent had no inf or nan
+    route: str | None = None  # the transformer's compute route (see compute.routes)
+    compile_seconds: float | None = None  # the transformer's compiled block kinds' first calls; None: eager
+    compile_cache_hits: int = 0  # graphs of them loaded from the on-disk cache
 
 
 def _synchronize(device: torch.device) -> None:
@@ -160,6 +169,8 @@ class KontextPipeline:
         keep_weights: bool = False,
         prompt_cache: PromptCache | None = None,
         loras: LoraStack | None = None,
+        compute: str = "auto",
+        compile: str = "auto",
     ):
         """``replan(profile_name)`` gives the plan of another profile: the fallback after running out of memory.
 
@@ -172,6 +183,8 @@ class KontextPipeline:
         With a ``prompt_cache`` a prompt seen before with the same text encoders skips them entirely.
         ``loras`` are applied to each component as it is loaded; ``add_lora``, ``remove_lora`` and
         ``set_lora_strength`` change them between edits without loading anything again.
+        ``compute`` is the transformer's route (``compute.routes.CHOICES``); ``compile`` ("auto", "on",
+        "off") whether the transformer's and T5's blocks run compiled (``compute.compiled``).
         """
         self.paths = paths
         self.device = torch.device(device)
@@ -183,12 +196,20 @@ class KontextPipeline:
         self.loras = loras if loras is not None else LoraStack.of_files((), paths.transformer, paths.clip, paths.t5)
         self._encoder_identity: str | None = None
         self.stats = PipelineStats()
+        self.compute = compute
+        self.compiles, why = compiled.resolve(compile, self.device)
+        self._compile_folder = (cache_dir or default_cache_dir()) / "compiled"
+        if self.compiles:
+            compiled.use_cache(self._compile_folder)
+        elif compile == "auto" and self.device.type == "cuda":
+            self.progress.say(f"compile: off ({why})")
+        self._compiled: dict[str, compiled.Compiled] = {}
         self._tokenizers = load_tokenizers(paths.tokenizers)
         self._vae_config = vae_config(paths.vae)
         files = {name: getattr(paths, name) for name in COMPONENTS}
         self.components = Components(
             files, self.device, dtype, self.progress, plan, keep_weights, cache_dir, on_load=self._loaded,
-            after_load=lambda name, model: self.loras.apply(name, model, dtype),
+            after_load=self._prepare,
         )  # fmt: skip
 
     @property
@@ -203,6 +224,35 @@ class KontextPipeline:
 
     def _loaded(self, name: str, seconds: float) -> None:
         self.stats.load_seconds[name] = seconds
+
+    def _prepare(self, name: str, model: nn.Module) -> None:
+        """A component just loaded: its LoRAs, the transformer's compute route, compiled blocks."""
+        self.loras.apply(name, model, self.dtype)
+        if name == "transformer":
+            route = self.route(model)
+            counts = routes.apply(model, route)
+            self.stats.route = route.name
+            layers = ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
+            self.progress.say(
+                f"transformer compute: {route.name} ({route.reason})" + (f"; layers: {layers}" if layers else "")
+            )
+        if name in ("transformer", "t5") and self.compiles:
+            self._compiled[name] = compiled.compile_blocks(model_blocks(model), self.progress.say, self._compile_folder)
+
+    def route(self, model: nn.Module) -> routes.Route:
+        """The transformer's route: ``--compute``, its blocks' storage format and this GPU's tensor cores."""
+        formats = [m.format for m in model.modules() if isinstance(m, CompressedLinear)]
+        storage = max(set(formats), key=formats.count) if formats else "bf16"
+        capability, tensor_cores = None, True
+        if self.device.type == "cuda":
+            capability = torch.cuda.get_device_capability(self.device)
+            card = known_gpu(torch.cuda.get_device_name(self.device))
+            tensor_cores = card.tensor_cores if card is not None else True
+        route = routes.choose(self.compute, storage, capability, self.compiles, tensor_cores)
+        if route.w8a8 and self.device.type == "cuda" and self.dtype not in routes.W8A8_DTYPES:
+            fallback = "fp16" if self.dtype == torch.float16 else "bf16"
+            return routes.Route(fallback, f"{route.name} W8A8 computes in bfloat16 or float16 only")
+        return route
 
     def add_lora(self, spec: LoraSpec) -> Lora:
         """Read the LoRA of ``spec`` and apply it from the next edit on; loaded weights stay as they are."""
@@ -371,6 +421,10 @@ class KontextPipeline:
             tokens = sampling.euler(velocity, target.to(self.device), times, on_step=on_step)
         step_seconds = [end - start for start, end in zip(step_ends[:-1], step_ends[1:], strict=True)]
         self.stats.step_seconds = step_seconds
+        blocks = self._compiled.get("transformer")
+        if blocks is not None:
+            self.stats.compile_seconds = blocks.seconds
+            self.stats.compile_cache_hits = sum(k.cache_hits for k in blocks.kinds)
         if engine is not None:
             self.stats.bytes_streamed_per_step = (engine.bytes_streamed - streamed_before) // steps
             copies = engine.copy_times()[copies_before:]
@@ -510,10 +564,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= BF16_CAPABILITY else torch.float16
 
 
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype ``name`` (bfloat16, float16, float32) denotes; "auto" is ``default_dtype``."""
+def compute_dtype(name: str, device: torch.device, compute: str = "auto") -> torch.dtype:
+    """The dtype ``name`` (bfloat16, float16, float32) denotes; "auto" is ``default_dtype``, or float16
+    on a GPU for ``--compute fp16``."""
     if name == "auto":
-        return default_dtype(device)
+        return torch.float16 if compute == "fp16" and device.type == "cuda" else default_dtype(device)
     if name not in COMPUTE_DTYPES:
         raise KontextError(f"unknown --dtype {name!r}: choose auto or one of {', '.join(COMPUTE_DTYPES)}")
     return COMPUTE_DTYPES[name]

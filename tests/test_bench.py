@@ -101,6 +101,9 @@ def test_bench_measures_each_profile_and_its_resident_twin(
         # GPU-only figures are null on a CPU.
         assert set(row["measured_peak_bytes"].values()) == set(row["process_vram_bytes"].values()) == {None}
         assert row["h2d_gbps"] is None and row["peak_error_pct"]["peak"] is None
+        # The CPU's dtype, no CUDA dequantization, weight-only compute (no tensor cores), eager blocks (no GPU).
+        assert row["dtype"] == "float32" and row["dequant_route"] is None
+        assert row["route"] == "bf16" and row["compile_seconds"] is None and row["compile_cache_hits"] == 0
     assert resident["ratio_to_resident"] == 1.0 and resident["ratio_to_floor"] == 1.0
     assert streamed["resident_profile"] == "resident-nf4"
     assert streamed["ratio_to_resident"] == pytest.approx(streamed["seconds_per_step"] / resident["seconds_per_step"])
@@ -112,6 +115,7 @@ def test_bench_measures_each_profile_and_its_resident_twin(
     assert lines[0].split()[:4] == ["profile", "format", "budget", "s/step"]
     assert [line.split()[0] for line in lines[1:3]] == ["resident-nf4", streamed_profile]
     assert f"{streamed['seconds_per_step']:.3f}" in lines[2]
+    assert all(line.split()[-4:-2] == ["bf16", "eager"] and line.endswith("ok; float32") for line in lines[1:3])
     assert f"note: resident-nf4 added as the resident reference of {streamed_profile}" in lines
     if has_matplotlib:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -178,10 +182,10 @@ def test_resident_twins_keep_the_transformer_format() -> None:
     profiles = load_profiles()
     names = ("nf4-stream", "all-nf4-stream", "bf16-stream", "fp8-stream", "as-file")
     twins = {name: bench.resident_twin(profiles, name) for name in names}
-    # fp8 has no all-resident profile; "file" is synthesized as Q4_K, which has none either.
+    # "file" is synthesized as Q4_K, which has no all-resident profile.
     assert twins == {
         "nf4-stream": "resident-nf4", "all-nf4-stream": "resident-nf4", "bf16-stream": "resident-bf16",
-        "fp8-stream": None, "as-file": None,
+        "fp8-stream": "resident-fp8-w8a8", "as-file": None,
     }  # fmt: skip
     assert bench.resident_twin(profiles, "resident-nf4") == "resident-nf4"
 

@@ -141,15 +141,26 @@ def test_int8_round_trip_and_formula(dtype):
 @pytest.mark.parametrize(("fmt", "mantissa_bits"), [("fp8_e4m3", 3), ("fp8_e5m2", 2)])
 def test_fp8_round_trip_and_formula(fmt, mantissa_bits):
     x = gaussian((16, 64), seed=7)
+    x[3] *= 50  # one row far larger than the rest: each row has its own scale
     qt = quantize(x, fmt)
     finfo = torch.finfo(qt.data.dtype)
-    assert qt.scale.item() == pytest.approx(x.abs().max().item() / finfo.max)
-    assert_same(qt.dequantize(torch.bfloat16), (qt.data.float() * qt.scale).to(torch.bfloat16))
+    assert qt.scale.shape == (16,)
+    assert qt.scale[3].item() == pytest.approx(x[3].abs().max().item() / finfo.max)
+    assert_same(qt.dequantize(torch.bfloat16), (qt.data.float() * qt.scale[:, None]).to(torch.bfloat16))
     error = (qt.dequantize(torch.float32) - x).abs()
     # half a unit in the last place: relative for normal values, of the subnormal spacing below them
     half_ulp = 2.0 ** -(mantissa_bits + 1)
-    bound = torch.maximum(x.abs() * half_ulp, finfo.smallest_normal * qt.scale * half_ulp)
+    bound = torch.maximum(x.abs() * half_ulp, finfo.smallest_normal * qt.scale[:, None] * half_ulp)
     assert (error <= bound * (1 + 1e-6)).all()
+
+
+def test_fp8_with_one_scale_for_the_whole_tensor():
+    """The ComfyUI "scaled fp8" files: one float32 scale for a whole matrix."""
+    data = torch.randn(8, 16, generator=torch.Generator().manual_seed(9)).to(torch.float8_e4m3fn)
+    qt = QuantizedTensor.from_tensors("fp8_e4m3", (8, 16), {"data": data, "scale": torch.tensor([0.25])})
+    assert_same(qt.dequantize(torch.float32), data.float() * 0.25)
+    with pytest.raises(WeightFileError, match="one per row"):
+        QuantizedTensor.from_tensors("fp8_e4m3", (8, 16), {"data": data, "scale": torch.ones(3)})
 
 
 def test_fp8_without_scale_is_the_stored_value():

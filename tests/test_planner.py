@@ -101,9 +101,9 @@ def test_file_headers_give_sizes_and_formats(tiny_root: Path) -> None:
     assert sizes.t5_file.block_bytes == (first.nbytes("bf16"), other.nbytes("bf16"))
     fp8 = ModelSizes.from_files(transformer=tiny_root / "flux1-kontext-dev-fp8.safetensors")
     assert fp8.transformer_file.format == "fp8_e4m3"
-    # The file has no per-tensor scales; the planner's fp8 counts one float32 per matrix.
-    expected = [double.nbytes("fp8_e4m3") - 4 * len(double.matrices)] * 2
-    expected += [single.nbytes("fp8_e4m3") - 4 * len(single.matrices)] * 3
+    # The file has no scales; the planner's fp8 counts a float32 per row.
+    expected = [double.nbytes("fp8_e4m3") - 4 * sum(m[0] for m in double.matrices)] * 2
+    expected += [single.nbytes("fp8_e4m3") - 4 * sum(m[0] for m in single.matrices)] * 3
     assert list(fp8.transformer_file.block_bytes) == expected
 
 
@@ -502,7 +502,8 @@ def test_plan_command_without_a_gpu(capsys: pytest.CaptureFixture[str], tiny_roo
     "old, new",
     [("4gb", "all-nf4-stream"), ("6gb", "all-nf4-stream-desktop"), ("8gb", "nf4-stream"),
      ("8gb-lowram", "nf4-stream-lowram"), ("6gb-lowram", "nf4-mmap"), ("12gb", "fp8-stream"), ("16gb", "int8-stream"),
-     ("24gb", "bf16-stream")],
+     ("24gb", "bf16-stream"), ("8gb-fp8", "fp8-w8a8-stream"), ("4gb-fp8", "fp8-w8a8-stream-nf4-t5"),
+     ("8gb-int8", "int8-w8a8-stream"), ("resident-fp8", "resident-fp8-w8a8"), ("resident-int8", "resident-int8-w8a8")],
 )  # fmt: skip
 def test_former_profile_names_still_work(profiles, old: str, new: str) -> None:
     assert old not in profiles and old in profiles[new].aliases

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     profile = profiles[resolve_profile(profiles, args.profile)]
     paths = synthetic_model(cache_dir() / "synthetic", profile.transformer.format, profile.t5.format)
     progress = LoggedProgress(device)
-    plan_args = argparse.Namespace(vram_budget=args.vram_budget, profile=profile.name, gpu=None, ram=None, ref=[])
+    plan_args = argparse.Namespace(
+        vram_budget=args.vram_budget, profile=profile.name, gpu=None, ram=None, ref=[], compute="auto", compile="auto"
+    )  # the pipeline's own defaults below
     no_loras = LoraStack.of_files([], paths.transformer, paths.clip, paths.t5)
     chosen, replan = _plan(plan_args, paths, device, False, no_loras, args.size, args.size)
     progress.detail(explain(chosen))

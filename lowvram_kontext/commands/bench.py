@@ -11,6 +11,7 @@ from ..errors import KontextError
 from ..hardware import parse_size
 from ..paths import cache_dir
 from ..pipeline import COMPUTE_DTYPES
+from .options import add_compute_options
 
 DEFAULT_SIZE = 1024
 GRID = 16  # image sides: VAE downsampling (8) times the 2x2 packing
@@ -56,6 +57,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="compute dtypes, separated by commas: auto, bfloat16, float16, float32 (default auto); each profile "
         "runs in each, and a float16 row gives its final latent's error against the bfloat16 row",
     )
+    add_compute_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -90,6 +92,8 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
         references=args.refs,
         lora_rank=args.lora_rank,
         dtypes=dtypes,
+        compute=args.compute,
+        compile=args.compile,
     )
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .. import demo, images, workflow
+from ..compute import compiled
 from ..errors import KontextError
 from ..hardware import cap_allocator, parse_size, usable_now
 from ..lora import LoraStack
@@ -32,6 +33,7 @@ from ..progress import Progress
 from ..prompt_cache import PromptCache
 from ..workflow import Editor, OutputNames, Refused
 from .options import (
+    add_compute_options,
     add_lora_options,
     add_model_options,
     add_plan_options,
@@ -82,6 +84,7 @@ def add_edit_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add_plan_options(parser)
+    add_compute_options(parser)
     parser.add_argument(
         "--filter",
         metavar="MODULE:FUNCTION",
@@ -127,7 +130,7 @@ def _plan(
         with_loras = replace(sizes, adapters=loras.adapter_bytes())  # the LoRAs in use when planning
         return plan(
             now, profiles, width, height, with_loras, profile_name, keep_weights=keep_weights,
-            references=len(args.ref),
+            references=len(args.ref), compute=args.compute, compiled=compiled.resolve(args.compile, device)[0],
         )  # fmt: skip
 
     return replan(name), replan
@@ -149,7 +152,7 @@ def open_pipeline(
     ``several``: the run makes more than one edit, so every component's weights stay in memory
     between edits instead of being read from disk again.
     """
-    dtype = compute_dtype(args.dtype, device)
+    dtype = compute_dtype(args.dtype, device, args.compute)
     paths = model_paths(args)
     loras = lora_stack(args, paths)
     cache = None if args.no_prompt_cache else PromptCache(args.prompt_cache)
@@ -172,6 +175,8 @@ def open_pipeline(
         keep_weights=several,
         prompt_cache=cache,
         loras=loras,
+        compute=args.compute,
+        compile=args.compile,
     )
     progress.say(workflow.NOTICE)
     return pipeline

@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from .. import images
+from ..compute import compiled, routes
 from ..gpus import find_gpu
 from ..hardware import Machine, detect, parse_size
 from ..lora import LoraSpec, LoraStack
@@ -72,6 +73,22 @@ def add_plan_options(parser: argparse.ArgumentParser) -> None:
         "--vram-budget", help="act as a card of this size, e.g. 8GiB, 7.5G, 6000MiB (plain number: GiB)"
     )
     parser.add_argument("--profile", help="a profile name, or a profile's .toml file (default: the fastest that fits)")
+
+
+def add_compute_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compute",
+        default="auto",
+        choices=routes.CHOICES,
+        help="how the transformer computes: auto (fp8 or int8 tensor cores where the GPU and weights allow, "
+        "else bf16), bf16 or fp16 (weight-only), fp8 or int8 (8-bit weights and activations; stores its blocks so)",
+    )
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=compiled.CHOICES,
+        help="compile the transformer's and T5's blocks (auto: on a GPU with Triton; cached in the cache folder)",
+    )
 
 
 def chosen_profile(args: argparse.Namespace, profiles: dict[str, Profile]) -> str | None:

@@ -7,12 +7,15 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+import torch
+
+from ..compute import compiled
 from ..errors import KontextError
 from ..hardware import GIB
 from ..pipeline import component_paths
 from ..planner import DEFAULT_EDIT_STEPS, ModelSizes, Plan, gib_text, load_profiles, plan
 from ..weights.loading import COMPONENTS
-from .options import add_model_options, add_plan_options, chosen_profile, planning_machine
+from .options import add_compute_options, add_model_options, add_plan_options, chosen_profile, planning_machine
 
 DEFAULT_SIZE = 1024
 ROUTES = {"triton": "Triton kernels", "torch": "PyTorch, without Triton: slower"}  # how dequantization runs
@@ -24,6 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_model_options(parser)
     add_plan_options(parser)
+    add_compute_options(parser)
     parser.add_argument("--ram", help="plan for a host with this much RAM (same units)")
     parser.add_argument(
         "--gpu", metavar="NAME", help='plan for this card instead of the one here, e.g. "RTX 2060" or "GTX 1660 Super"'
@@ -53,7 +57,14 @@ def run(args: argparse.Namespace) -> int:
     machine = planning_machine(args)
     if machine is None:
         raise KontextError("no CUDA GPU here: pass --vram-budget SIZE to plan for a card of that size")
-    result = plan(machine, profiles, width, height, _model_sizes(args), name, keep_weights=args.successive)
+    if args.gpu is not None or not machine.has_gpu:  # a card of the table, or a hypothetical one
+        compiles = compiled.resolve_for_card(args.compile, machine.compute_capability)[0]
+    else:
+        compiles = compiled.resolve(args.compile, torch.device("cuda"))[0]
+    result = plan(
+        machine, profiles, width, height, _model_sizes(args), name, keep_weights=args.successive,
+        compute=args.compute, compiled=compiles,
+    )  # fmt: skip
     print(json.dumps(plan_dict(result), indent=2, default=str) if args.json else explain(result))
     return 0
 
@@ -84,6 +95,12 @@ def plan_dict(result: Plan) -> dict[str, Any]:
             "dequant_s": result.dequant_seconds,
             "link_gbps": result.link_gbps,
             "link_measured": result.link_measured,
+        },
+        "compute": {
+            "route": result.route.name,
+            "reason": result.route.reason,
+            "compiled": result.compiled,
+            "available": list(result.routes_available),
         },
         "host": asdict(result.host),
         "stages": [
@@ -126,6 +143,9 @@ def explain(result: Plan) -> str:
         f"({ROUTES[result.machine.dequant_route]}); {result.dtype}",
         f"predicted {result.seconds_per_edit():.1f} s per edit of {DEFAULT_EDIT_STEPS} steps "
         f"(text encoders and VAE {result.other_stage_seconds:.2f} s; loading not counted)",
+        f"transformer compute: {result.route.name}, {result.route.reason}; blocks "
+        + ("compiled" if result.compiled else "eager")
+        + f"; routes this card can take (--compute): {', '.join(result.routes_available)}",
         f"host: pinned {gib(result.host.pinned)}, pageable {gib(result.host.pageable)}, "
         f"mapped {gib(result.host.mapped)}"
         + (f", disk {gib(result.host.disk)}" if result.host.disk else "")

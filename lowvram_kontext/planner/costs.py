@@ -3,7 +3,8 @@
 The terms a stage's peak is made of, and how they add up, are in ``planning``; this module holds
 what they rest on. Every constant lives in ``Calibration`` (the dequantization rate of each format
 and route is its codec's): they are estimates or single measurements, to be replaced by measurements
-on real GPUs. ``card_slowdown`` scales the reference GPU's times to another card.
+on real GPUs. ``card_slowdown`` scales the reference GPU's times to another card; ``route_capability``
+says what decides the card's compute routes (``compute.routes``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from ..compute import routes
 from ..gpus import REFERENCE, REFERENCE_EFFICIENCY
 from ..hardware import GIB, MIB, Machine
 from ..models.clip import CLIPTextConfig
@@ -98,6 +100,15 @@ def card_slowdown(machine: Machine, cal: Calibration = CALIBRATION) -> float:
     matmul = REFERENCE.tflops * REFERENCE_EFFICIENCY / machine.matmul_tflops
     memory = REFERENCE.memory_gbps / machine.memory_gbps if machine.memory_gbps else matmul
     return (1 - cal.memory_bound_share) * matmul + cal.memory_bound_share * memory
+
+
+def route_capability(machine: Machine) -> tuple[tuple[int, int] | None, bool]:
+    """(compute capability, tensor cores) that decide the card's compute routes; a hypothetical card
+    (``--vram-budget`` without a GPU) is taken to have fp8 tensor cores."""
+    capability = machine.compute_capability
+    if capability is None and machine.supports_fp8:
+        capability = routes.HYPOTHETICAL_CAPABILITY
+    return capability, machine.tensor_cores
 
 
 def transformer_activation_bytes(config: FluxConfig, image_tokens: int, text_tokens: int) -> int:

@@ -5,7 +5,7 @@ A stage's predicted peak on the device is the sum of these terms (``StagePlan.te
 - CUDA context: ``Machine.cuda_context_bytes`` (measured with NVML, else 500 MiB).
 - runtime reserve: cuBLAS workspaces and allocator rounding (``Calibration.runtime_reserve_bytes``).
 - weights: every ``nn.Linear`` matrix in the storage format (``sizes.storage_bytes``: bf16 2 B per
-  value; fp8 1 B + one float32 scale; int8 1 B + a float32 per row; nf4 0.5 B + a float32 per 64;
+  value; fp8 1 B + a float32 per row; int8 1 B + a float32 per row; nf4 0.5 B + a float32 per 64;
   GGUF blocks of 32 or 256 values in 18-210 B), everything else (biases, norms, embeddings,
   convolutions) in bf16. A matrix the format cannot hold (wrong shape) stays bf16. The components
   are built on the meta device once to list their tensors, so any model size is counted exactly.
@@ -32,7 +32,9 @@ cost and seconds per FLOP; FLOPs = 2 x block matrix values x tokens + 4 x tokens
 so the fit is a + b L + c L^2 with b:c set by the model), and dequantization = every compressed
 value's bf16 bytes / the format's rate by the card's route (its codec's, scaled by
 ``Calibration.dequant_rate``). On another card than the reference GPU the compute scales by
-``card_slowdown``. All other constants live in ``costs.Calibration``.
+``card_slowdown``, and by the transformer's compute route (``compute.routes.speed_factor``: compiled
+blocks, fp8 / int8 W8A8, measured on the reference GPU; W8A8 layers skip dequantization). All other
+constants live in ``costs.Calibration``.
 
 Sizes come from ``sizes``, the constants and activation formulas from ``costs``, and the host
 placement from the streaming engine's own ``plan_tiers``. The words (tables, JSON) are the ``plan``
@@ -48,6 +50,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..compute import routes
 from ..errors import KontextError
 from ..hardware import GIB, Machine
 from ..offload.engine import STAGING_BUFFERS, STAGING_CHUNK_BYTES
@@ -61,6 +64,7 @@ from .costs import (
     Calibration,
     card_slowdown,
     clip_activation_bytes,
+    route_capability,
     t5_activation_bytes,
     transformer_activation_bytes,
     transformer_flops,
@@ -93,6 +97,8 @@ class _Context:
     cal: Calibration
     keep_weights: bool = False
     references: int = 0  # reference images beside the main one, each at most the edit's pixel area
+    compute: str = "auto"  # the transformer's route asked for (compute.routes.CHOICES)
+    compiled: bool = False  # whether the blocks run compiled
 
     @property
     def base_terms(self) -> dict[str, int]:
@@ -287,6 +293,8 @@ def _profile_plan(ctx: _Context) -> Plan:
     compressed += single.compressed_values(flux_fmt) * model.flux.depth_single_blocks
     dequant = COMPUTE_BYTES * compressed / (cal.dequant_rate(flux_fmt, machine) * 1e9) if compressed else 0.0
     slowdown = card_slowdown(machine, cal)
+    capability, tensor_cores = route_capability(machine)
+    route = routes.choose(ctx.compute, transformer.format, capability, ctx.compiled, tensor_cores)
     compute = max(0.0, overhead + per_flop * transformer_flops(model.flux, text_tokens + image_tokens))
     return Plan(
         profile=profile,
@@ -297,15 +305,19 @@ def _profile_plan(ctx: _Context) -> Plan:
         image_tokens=image_tokens,
         budget_bytes=ctx.budget,
         stages=stages,
-        compute_seconds=compute * slowdown,
+        # The reference GPU's step in the route (eager bf16 scaled by the route's measured gain) on this card.
+        compute_seconds=compute * routes.speed_factor(route.name, capability, ctx.compiled) * slowdown,
         transfer_seconds=transformer.transfer_seconds,
-        dequant_seconds=dequant,
+        dequant_seconds=dequant * routes.weight_only_share(route.name, model.flux),
         link_gbps=ctx.link_gbps,
         link_measured=machine.h2d_gbps is not None,
         other_stage_seconds=_other_stage_seconds(ctx, stages, slowdown),
         host=host,
         problems=tuple(problems),
         keeps_weights=ctx.keep_weights,
+        route=route,
+        compiled=ctx.compiled,
+        routes_available=routes.available(capability, tensor_cores),
     )
 
 
@@ -368,11 +380,15 @@ def plan(
     calibration: Calibration = CALIBRATION,
     keep_weights: bool = False,
     references: int = 0,
+    compute: str = "auto",
+    compiled: bool = False,
 ) -> Plan:
     """The plan of ``profile_name`` (fitting or not), else of the fastest profile that fits.
 
     ``keep_weights``: plan for successive edits, where the whole model stays in host memory.
     ``references``: reference images beside the main one; their tokens lengthen the sequence.
+    ``compute``: the transformer's route (``compute.routes.CHOICES``); fp8 and int8 store every
+    profile's transformer blocks in their 8-bit format. ``compiled``: whether blocks run compiled.
 
     Raises ``BudgetTooSmall`` (a KontextError) with the smallest VRAM budget that would work when no
     profile fits the card, and a KontextError when none suits the host whatever the card.
@@ -386,10 +402,15 @@ def plan(
     if profile_name is not None:
         profile_name = resolve_profile(profiles, profile_name)
     model = model or ModelSizes()
+    storage = routes.storage_for(compute)
+    if storage is not None:
+        profiles = {n: replace(p, transformer=replace(p.transformer, format=storage)) for n, p in profiles.items()}
 
     def plan_for(profile: Profile, on: Machine) -> Plan:
         budget = on.vram_free - profile.margin_bytes
-        context = _Context(profile, on, model, width, height, budget, calibration, keep_weights, references)
+        context = _Context(
+            profile, on, model, width, height, budget, calibration, keep_weights, references, compute, compiled
+        )
         return _profile_plan(context)
 
     plans = {name: plan_for(profile, machine) for name, profile in profiles.items()}

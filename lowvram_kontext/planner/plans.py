@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..compute.routes import Route
 from ..errors import KontextError
 from ..hardware import GIB, Machine
 from .profiles import Profile
@@ -91,6 +92,9 @@ class Plan:
     keeps_weights: bool = False  # planned for successive edits: the whole model stays in host memory
     candidates: tuple[Candidate, ...] = ()
     other_stage_seconds: float = 0.0  # an edit's text encoders and VAE passes (loading not counted)
+    route: Route = Route("bf16", "")  # how the transformer computes (see compute.routes)
+    compiled: bool = False  # whether its blocks run compiled
+    routes_available: tuple[str, ...] = ()  # the routes the card has the arithmetic for, fastest first
 
     @property
     def seconds_per_step(self) -> float:
@@ -102,8 +106,8 @@ class Plan:
 
     @property
     def dtype(self) -> str:
-        """The compute dtype the card runs: bf16 where it has it, else float16 (Pascal, Turing)."""
-        return "bfloat16" if self.machine.supports_bf16 else "float16"
+        """The compute dtype the card runs: bf16 where it has it, else float16 (Pascal, Turing, ``--compute fp16``)."""
+        return "bfloat16" if self.machine.supports_bf16 and self.route.name != "fp16" else "float16"
 
     @property
     def peak_bytes(self) -> int:

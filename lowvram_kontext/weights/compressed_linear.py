@@ -6,6 +6,12 @@ and reused by every layer), then ``F.linear`` runs; a weight stored plain in the
 used as it is. The buffer is overwritten by the next layer, so these layers are for inference:
 nothing may keep a reference to the dequantized weight. Low-rank updates (LoRAs, see ``lora``) hang
 below a layer in ``adapters`` and add their term to its output; the weight itself never changes.
+Inside a compiled graph the pool is left alone: the dequantized weight is a tensor of the graph
+(see ``compute.ops``).
+
+A layer whose ``route`` is set (by ``compute.routes``: "fp8" or "int8") skips dequantization: its
+8-bit codes go straight into a W8A8 tensor-core matmul with activations quantized per token
+(``compute.kernels``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compute import kernels
+from ..compute.ops import dequantize_in_graph
 from ..errors import KontextError, WeightFileError
 from .formats import PlainCodec, QuantizedTensor, codec
 
@@ -60,6 +68,7 @@ class CompressedLinear(nn.Module):
     """
 
     PAYLOAD_BUFFERS = {"data": "weight_data", "scale": "weight_scale", "absmax": "weight_absmax"}
+    route: str | None = None  # None: weight-only (dequantize, then F.linear); "fp8" / "int8": W8A8
 
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None, pool: ScratchPool | None = None):
         super().__init__()
@@ -99,17 +108,24 @@ class CompressedLinear(nn.Module):
         return QuantizedTensor(self.format, torch.Size((self.out_features, self.in_features)), **payload)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compressed = self.weight
-        if compressed.data.dtype == x.dtype and isinstance(codec(self.format), PlainCodec):
-            weight = compressed.data  # already the values in the compute dtype: no copy
-        else:
-            scratch = self.pool.take(compressed.shape, x.dtype, compressed.device)
-            weight = compressed.dequantize(x.dtype, out=scratch)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        out = F.linear(x, weight, bias)
+        if self.route is not None:
+            out = kernels.LINEARS[self.route](x, self.weight_data, self.weight_scale, bias)
+        else:
+            out = F.linear(x, self._dequantized(x.dtype), bias)
         for adapter in self.adapters.values():
             out = adapter.add_to(x, out)
         return out
+
+    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight's values as ``dtype``: as stored, in the pool's scratch, or (compiled) a graph tensor."""
+        compressed = self.weight
+        if compressed.data.dtype == dtype and isinstance(codec(self.format), PlainCodec):
+            return compressed.data  # already the values in the compute dtype: no copy
+        if torch.compiler.is_compiling():
+            return dequantize_in_graph(compressed, dtype)
+        scratch = self.pool.take(compressed.shape, dtype, compressed.device)
+        return compressed.dequantize(dtype, out=scratch)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CompressedLinear:
         # Probe with an integer tensor: it follows device moves but never dtype casts.
@@ -121,9 +137,10 @@ class CompressedLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        route = "" if self.route is None else f", route={self.route}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"format={self.format}, bias={self.bias is not None}"
+            f"format={self.format}, bias={self.bias is not None}{route}"
         )
 
 

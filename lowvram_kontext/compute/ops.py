@@ -1,0 +1,46 @@
+"""Dequantization inside compiled graphs.
+
+Outside a graph a compressed linear dequantizes into the process-wide ``ScratchPool``; inside one it
+must not: the compiler would guard on the pool's contents and recompile as it grows. There the
+dequantized weight is a tensor of the graph, made one of two ways:
+
+- fp8 (one multiply per value) is traced: the compiler fuses it into one kernel of its own;
+- every other format (NF4, int8, GGUF blocks) goes through the custom op ``lowvram_kontext::dequantize``,
+  opaque to the compiler (no tracing into the hand-written Triton kernels, no graph break), which
+  runs ``QuantizedTensor.dequantize``: the fused kernel on CUDA, the PyTorch path elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..weights.formats import QuantizedTensor, codec
+from ..weights.formats.fp8 import Fp8Codec
+
+
+@torch.library.custom_op("lowvram_kontext::dequantize", mutates_args=())
+def dequantize_op(
+    format: str,
+    shape: list[int],
+    dtype: torch.dtype,
+    data: torch.Tensor,
+    scale: torch.Tensor | None,
+    absmax: torch.Tensor | None,
+) -> torch.Tensor:
+    """The values of a ``format`` tensor of ``shape`` from its payload, as ``dtype``."""
+    return QuantizedTensor(format, torch.Size(shape), data, scale, absmax).dequantize(dtype)
+
+
+@dequantize_op.register_fake
+def _(
+    format: str, shape: list[int], dtype: torch.dtype, data: torch.Tensor, *payload: torch.Tensor | None
+) -> torch.Tensor:
+    return data.new_empty(shape, dtype=dtype)
+
+
+def dequantize_in_graph(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """``qt``'s values as ``dtype``, written so that a compiled graph holds them (see the module text)."""
+    fmt = codec(qt.format)
+    if isinstance(fmt, Fp8Codec):
+        return fmt.values(*fmt.operands(qt)).to(dtype).view(qt.shape)
+    return dequantize_op(qt.format, list(qt.shape), dtype, qt.data, qt.scale, qt.absmax)
