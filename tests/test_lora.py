@@ -323,7 +323,8 @@ def test_compressed_weights_get_the_same_update(fmt: str) -> None:
         apply.attach(apply_to, "a", {"layer": _update(down, up)}, 1.0, torch.float32)
         deltas.append(apply_to.layer(x) - before)
         assert apply_to.layer.weight.format == storage
-    assert torch.allclose(deltas[0], deltas[1], atol=1e-6)
+    # The update goes into each layer's own float32 copy of its weight: equal up to float32 rounding.
+    assert torch.allclose(deltas[0], deltas[1], rtol=1e-4, atol=1e-5)
     assert deltas[1].abs().max() > 0
 
 

@@ -1,13 +1,16 @@
 """LoRA updates beside the model's linear layers, without touching their weights.
 
-Each adapted layer computes ``y = linear(x) + strength * (x @ down^T) @ up^T``: the weight stays as
-stored (compressed, streamed, never requantized, never merged), and the low-rank term runs on the
-activations. The factors are buffers of a ``LowRank`` module that hangs below its layer (see
-``CompressedLinear.adapters``), so they belong to the layer's block: the streaming engine packs and
-copies them with the block's own tensors, and the planner counts them there. A plain ``nn.Linear``
-is first turned into a ``CompressedLinear`` holding its weight as it is (same values, same result).
-The strength is a plain float: re-weighting a LoRA changes one number per layer, nothing on the
-device; strength 0 skips the term, so the output is exactly the model's own.
+Each adapted layer computes ``y = x @ (W + strength * up @ down)^T``: the stored weight stays as it
+is (compressed, streamed, never requantized, never merged). When the layer dequantizes ``W`` into a
+scratch copy for its matmul, the update is added into that copy (one pass over the weight); a weight
+used as stored, or an 8-bit matmul, gets the term on the activations instead,
+``y = linear(x) + strength * (x @ down^T) @ up^T``. The factors are buffers of a ``LowRank``
+module that hangs below its layer (see ``CompressedLinear.adapters``), so they belong to the layer's
+block: the streaming engine packs and copies them with the block's own tensors, and the planner
+counts them there. A plain ``nn.Linear`` is first turned into a ``CompressedLinear`` holding its
+weight as it is (same values, same result). The strength is a plain float: re-weighting a LoRA
+changes one number per layer, nothing on the device; strength 0 skips the update, so the output is
+exactly the model's own.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class LowRank(nn.Module):
         self.register_buffer("down", down)
         self.register_buffer("up", up)
         self.strength = strength
+
+    def add_to_weight(self, weight: torch.Tensor) -> None:
+        """Add this update to ``weight``, a dequantized copy of the layer's weight, in place."""
+        weight.addmm_(self.up.to(weight.dtype), self.down.to(weight.dtype), alpha=self.strength)
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` (the layer's output for ``x``) with this update added, in place."""

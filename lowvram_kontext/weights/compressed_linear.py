@@ -5,7 +5,8 @@ dtype taken from a ``ScratchPool`` (one buffer per device and dtype, grown to th
 and reused by every layer), then ``F.linear`` runs; a weight stored plain in the input's dtype is
 used as it is. The buffer is overwritten by the next layer, so these layers are for inference:
 nothing may keep a reference to the dequantized weight. Low-rank updates (LoRAs, see ``lora``) hang
-below a layer in ``adapters`` and add their term to its output; the weight itself never changes.
+below a layer in ``adapters``: added into that dequantized copy when there is one, else as a term on
+the output; the stored weight itself never changes.
 Inside a compiled graph the pool is left alone: the dequantized weight is a tensor of the graph
 (see ``compute.ops``).
 
@@ -109,23 +110,32 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        adapters = [adapter for adapter in self.adapters.values() if adapter.strength != 0]
         if self.route is not None:
             out = kernels.LINEARS[self.route](x, self.weight_data, self.weight_scale, bias)
         else:
-            out = F.linear(x, self._dequantized(x.dtype), bias)
-        for adapter in self.adapters.values():
+            weight, ours = self._dequantized(x.dtype)
+            if ours:
+                # The dequantized weight is a scratch copy: adding the low-rank updates to it costs one pass
+                # over the weight, fewer bytes than the two passes over the (larger) activations below.
+                for adapter in adapters:
+                    adapter.add_to_weight(weight)
+                adapters = []
+            out = F.linear(x, weight, bias)
+        for adapter in adapters:
             out = adapter.add_to(x, out)
         return out
 
-    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight's values as ``dtype``: as stored, in the pool's scratch, or (compiled) a graph tensor."""
+    def _dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+        """The weight's values as ``dtype`` (as stored, in the pool's scratch, or, compiled, a graph tensor),
+        and whether that tensor is a copy this call may change."""
         compressed = self.weight
         if compressed.data.dtype == dtype and isinstance(codec(self.format), PlainCodec):
-            return compressed.data  # already the values in the compute dtype: no copy
+            return compressed.data, False  # already the values in the compute dtype: no copy
         if torch.compiler.is_compiling():
-            return dequantize_in_graph(compressed, dtype)
+            return dequantize_in_graph(compressed, dtype), True
         scratch = self.pool.take(compressed.shape, dtype, compressed.device)
-        return compressed.dequantize(dtype, out=scratch)
+        return compressed.dequantize(dtype, out=scratch), True
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CompressedLinear:
         # Probe with an integer tensor: it follows device moves but never dtype casts.
