@@ -373,6 +373,7 @@ class _Bench:
         settings = {
             "profiles": [r.profile for r in rows], "budget_bytes": s.budget_bytes, "width": s.width,
             "height": s.height, "steps": s.steps, "warmup": s.warmup, "small": s.small, "lora_rank": s.lora_rank,
+            "references": s.references,
             "synthetic_dir": str(s.cache_dir), "prompt": PROMPT, "guidance": GUIDANCE, "seed": SEED,
             "compute": s.compute, "compile": s.compile,
         }  # fmt: skip

@@ -138,12 +138,25 @@ def test_larger_images_need_more_memory_and_time(profiles) -> None:
         assert all(a.stage(stage).peak_bytes <= b.stage(stage).peak_bytes for a, b in pairwise(plans)), stage
 
 
+def _calibration_conditions(run: dict, row: dict) -> bool:
+    """Whether a bench row ran as the time model's calibration did: bfloat16, eager, Triton dequantization,
+    no reference images, no LoRA (the other runs measure what those change; README tables them)."""
+    settings = run["settings"]
+    return (
+        row.get("dtype", "bfloat16") == "bfloat16"
+        and row.get("dequant_route", "triton") == "triton"
+        and not row.get("compile_seconds")
+        and row["tokens"]["image"] == 2 * row["width"] * row["height"] // 256  # target + condition only
+        and not settings.get("lora_rank")
+    )
+
+
 def _bench_rows() -> list[tuple[str, dict, dict]]:
-    """(file name, run, row) of every completed row of the committed bench results."""
+    """(file name, run, row) of every completed row of the committed bench results run as calibrated."""
     found = []
     for path in sorted(BENCH_RESULTS.glob("bench-*.json")):
         run = json.loads(path.read_text())
-        found += [(path.name, run, row) for row in run["rows"] if row["completed"]]
+        found += [(path.name, run, r) for r in run["rows"] if r["completed"] and _calibration_conditions(run, r)]
     return found
 
 

@@ -19,6 +19,7 @@ tool says which were tried and why they failed, and exits 1.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -91,12 +92,31 @@ class Group:
         return parse_memory_stat(self.read("memory.events")).get("oom_kill")
 
 
+def enable_memory_controller(parent: Path) -> None:
+    """Let ``parent``'s children have memory limits. cgroup v2 refuses that (EBUSY) while ``parent``
+    itself holds processes (its root excepted), so they move first into a leaf child of their own."""
+    try:
+        (parent / "cgroup.subtree_control").write_text("+memory")
+        return
+    except OSError as error:
+        if error.errno != errno.EBUSY:
+            raise
+    leaf = parent / "lowvram-kontext-others"
+    leaf.mkdir(exist_ok=True)
+    for pid in (parent / "cgroup.procs").read_text().split():
+        try:
+            (leaf / "cgroup.procs").write_text(pid)
+        except OSError:
+            pass  # a process that ended meanwhile, or a kernel thread that cannot move
+    (parent / "cgroup.subtree_control").write_text("+memory")
+
+
 def make_cgroup(root: Path, proc_cgroup: str, name: str, limit: int) -> Group:
     """A fresh child cgroup ``name`` limited to ``limit`` bytes (v2 if the root is unified, else v1 memory)."""
     if (root / "cgroup.controllers").exists():
         parent = root / own_cgroup(proc_cgroup, 2).lstrip("/")
         if "memory" not in (parent / "cgroup.subtree_control").read_text().split():
-            (parent / "cgroup.subtree_control").write_text("+memory")
+            enable_memory_controller(parent)
         group = Group("cgroup v2", parent / name, 2)
         group.path.mkdir(exist_ok=True)
         (group.path / "memory.max").write_text(str(limit))

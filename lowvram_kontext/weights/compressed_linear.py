@@ -119,7 +119,7 @@ class CompressedLinear(nn.Module):
                 # The dequantized weight is a scratch copy: adding the low-rank updates to it costs one pass
                 # over the weight, fewer bytes than the two passes over the (larger) activations below.
                 for adapter in adapters:
-                    adapter.add_to_weight(weight)
+                    weight = adapter.add_to_weight(weight)
                 adapters = []
             out = F.linear(x, weight, bias)
         for adapter in adapters:
