@@ -9,6 +9,7 @@ is unknown. ``Machine.with_budget`` makes a big card look like a small one (``--
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -150,31 +151,72 @@ class Machine:
 
 
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*", re.IGNORECASE)
+# Memory is sold in binary units whatever the label says: a card sold as "8 GB" and a 16 GB stick of
+# RAM hold 8 and 16 GiB. So GB, G and GiB all mean 2**30 bytes here (likewise K, M, T).
 _UNITS = {
     "": GIB,
     "b": 1,
-    **{p: 1 << (10 * i) for i, p in enumerate(("k", "m", "g", "t"), start=1)},
-    **{f"{p}ib": 1 << (10 * i) for i, p in enumerate(("k", "m", "g", "t"), start=1)},
-    **{f"{p}b": 10 ** (3 * i) for i, p in enumerate(("k", "m", "g", "t"), start=1)},
+    **{unit: 1 << (10 * i) for i, p in enumerate(("k", "m", "g", "t"), start=1) for unit in (p, f"{p}b", f"{p}ib")},
 }
+MAX_SIZE = 1 << 50  # 1 PiB: far above any machine, low enough that byte counts stay exact integers
 
 
 def parse_size(text: str) -> int:
-    """Bytes of a size such as ``8GiB``, ``8GB``, ``7.5G``, ``6000MiB`` or ``8`` (a plain number is GiB).
+    """Bytes of a memory size such as ``8GiB``, ``8GB``, ``7.5G``, ``6000MiB`` or ``8`` (a plain number is GiB).
 
-    K/M/G/T and KiB/MiB/GiB/TiB are binary (powers of 1024); KB/MB/GB/TB are decimal. Case is ignored.
+    Units are binary as memory is sold (``8GB`` = ``8GiB`` = 8 * 2**30 bytes); case is ignored.
     """
     match = _SIZE.fullmatch(str(text))
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         raise KontextError(
             f"cannot read the size {text!r}: expected a number with an optional unit, "
-            "e.g. 8GiB, 7.5G, 6000MiB or 8 (GiB)"
+            "e.g. 8GB, 7.5G, 6000MB or 8 (GB; units are binary: 8GB = 8GiB)"
         )
     size = int(float(match.group(1)) * _UNITS[unit])
     if size <= 0:
         raise KontextError(f"the size {text!r} must be more than zero")
+    if size > MAX_SIZE:
+        raise KontextError(f"the size {text!r} is more than any machine holds (at most 1 PiB)")
     return size
+
+
+def format_size(nbytes: int) -> str:
+    """A byte count as people read memory and file sizes: ``8.00 GiB``, ``512.00 MiB``, ``3.50 KiB``, ``12 B``."""
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+@functools.cache
+def cpu_threads() -> int:
+    """Threads for CPU compute: the cores this process may use that other processes are not busy on.
+
+    More threads than free cores is much slower, not a little: every parallel region waits for its
+    slowest thread, and a thread that shares its core waits for the other process's time slice
+    (the demo, 2 cores, one of them busy: 26-57 s with 2 threads, 7 s with one). Decided once per
+    process, so that repeated runs in one process compute alike.
+    """
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(psutil.cpu_count(logical=False) or usable, usable, _cgroup_cpus() or usable)
+    busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, cores - busy)
+
+
+def use_cpu_threads() -> None:
+    """Run torch's CPU work on ``cpu_threads()`` threads, unless $OMP_NUM_THREADS says how many."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads())
+
+
+def _cgroup_cpus() -> int | None:
+    """The CPUs a container's quota allows (cgroup v2 ``cpu.max``), or None without a quota."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, int(quota) // int(period))
 
 
 def _nvml() -> ModuleType | None:

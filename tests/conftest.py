@@ -4,7 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from lowvram_kontext.hardware import use_cpu_threads
 from lowvram_kontext.tiny import TinyWeights, write_tiny_checkpoints
+
+use_cpu_threads()  # as the commands do: no more threads than free cores
 
 
 @pytest.fixture(autouse=True)
