@@ -328,7 +328,7 @@ class _Bench:
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
         if self.device.type == "cpu" and not settings.small:
-            raise KontextError("without a CUDA GPU the bench runs only the tiny model: pass --small")
+            raise KontextError("without a CUDA GPU the bench runs only the tiny model (small settings)")
         self.cuda = self.device.type == "cuda"
         dtypes = (compute_dtype(name, self.device, settings.compute) for name in settings.dtypes)
         self.dtypes = tuple(dict.fromkeys(dtypes))

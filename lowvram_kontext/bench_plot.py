@@ -32,7 +32,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise KontextError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+        raise KontextError("the plot needs matplotlib, which is not installed (pip install matplotlib)") from None
 
 
 def write_plot(report: BenchReport, path: Path) -> None:

@@ -19,3 +19,11 @@ class ImageError(KontextError):
 
 class Cancelled(KontextError):
     """An edit was stopped at a sampling step because its cancellation was asked for; nothing was written."""
+
+
+class MissingComponent(KontextError):
+    """A model component (or the tokenizers) was not given and is not in the model folder or checkpoint."""
+
+    def __init__(self, message: str, component: str):
+        super().__init__(message)
+        self.component = component  # "transformer", "t5", "clip", "vae" or "tokenizers"

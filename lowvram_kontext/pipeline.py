@@ -22,7 +22,7 @@ from torch import nn
 from . import images, sampling
 from .components import Components
 from .compute import compiled, routes
-from .errors import KontextError
+from .errors import KontextError, MissingComponent
 from .gpus import known_gpu
 from .lora import Lora, LoraSpec, LoraStack
 from .lora import apply as lora_apply
@@ -66,14 +66,13 @@ def component_paths(model: Path | None, **given: Path | None) -> dict[str, Path]
         path = given.get(name)
         if path is None and bundled is not None:
             if name not in bundled:
-                raise KontextError(f"{model}: the checkpoint holds no {component.label}; pass --{name} FILE")
+                raise MissingComponent(f"{model}: the checkpoint holds no {component.label}", name)
             path = Path(model)
         elif path is None and model is not None:
             path = Path(model) / component.folder
             if not path.is_dir():
-                raise KontextError(
-                    f"{model}: the model folder has no {component.folder}/ ({component.label}); pass --{name} FILE"
-                )
+                missing = f"{model}: the model folder has no {component.folder}/ ({component.label})"
+                raise MissingComponent(missing, name)
         if path is not None:
             if not Path(path).exists():
                 raise KontextError(f"{path}: no such {component.label} file or folder")
@@ -105,9 +104,9 @@ class ModelPaths:
         paths = component_paths(model, transformer=transformer, t5=t5, clip=clip, vae=vae)
         for name, component in COMPONENTS.items():
             if name not in paths:
-                raise KontextError(f"no {component.label} given: pass --model DIR or --{name} FILE")
+                raise MissingComponent(f"no {component.label} given", name)
         if tokenizers is None and (model is None or not Path(model).is_dir()):
-            raise KontextError("no tokenizers given: pass --tokenizers DIR (with tokenizer/ and tokenizer_2/)")
+            raise MissingComponent("no tokenizers given (a folder with tokenizer/ and tokenizer_2/)", "tokenizers")
         return cls(tokenizers=Path(tokenizers if tokenizers is not None else model), **paths)
 
 
@@ -204,7 +203,7 @@ class KontextPipeline:
         elif compile == "auto" and self.device.type == "cuda":
             self.progress.say(f"compile: off ({why})")
         self._compiled: dict[str, compiled.Compiled] = {}
-        self._tokenizers = load_tokenizers(paths.tokenizers)
+        self.tokenizers = load_tokenizers(paths.tokenizers)  # CLIP's and T5's
         self._vae_config = vae_config(paths.vae)
         files = {name: getattr(paths, name) for name in COMPONENTS}
         self.components = Components(
@@ -318,7 +317,7 @@ class KontextPipeline:
                 self.progress.say("prompt embedding: from the cache, text encoders skipped")
                 txt, vec = (t.to(self.device, self.dtype) for t in cached)
                 return PromptEmbedding(txt=txt, vec=vec)
-        clip_tokens, t5_tokens = (t.as_tensor(prompt).to(self.device) for t in self._tokenizers)
+        clip_tokens, t5_tokens = (t.as_tensor(prompt).to(self.device) for t in self.tokenizers)
         clip = self.components.acquire("clip", "clip")
         with self._stage("clip"):
             vec = clip(clip_tokens)
@@ -469,7 +468,7 @@ class KontextPipeline:
         next smaller plan (the profile predicted to need less memory) instead of failing.
         """
         if steps < 1:
-            raise KontextError(f"--steps must be at least 1 (got {steps})")
+            raise KontextError(f"an edit needs at least 1 step (got {steps})")
         width, height = self.output_size(image, width, height)
         retried = False
         while True:
@@ -486,7 +485,7 @@ class KontextPipeline:
                     detail = str(exc).split("\n")[0]
                     raise KontextError(
                         f"out of GPU memory ({failed}: {detail}) and no smaller plan to fall back to: "
-                        "try --vram-budget with a smaller size or a smaller --profile"
+                        "plan for a smaller budget or choose a smaller profile"
                     ) from None
             self.progress.say(f"out of GPU memory with profile {failed}: retrying once with {smaller.profile.name}")
             self.components.plan = smaller
@@ -548,7 +547,7 @@ def output_size(image: Image.Image, width: int | None, height: int | None, grid:
     width = width or round(height * image.width / image.height)  # type: ignore[operator]
     height = height or round(width * image.height / image.width)
     if width < grid or height < grid:
-        raise KontextError(f"--width/--height must be at least {grid} pixels")
+        raise KontextError(f"the output size must be at least {grid} pixels a side")
     return width // grid * grid, height // grid * grid
 
 
@@ -570,7 +569,7 @@ def compute_dtype(name: str, device: torch.device, compute: str = "auto") -> tor
     if name == "auto":
         return torch.float16 if compute == "fp16" and device.type == "cuda" else default_dtype(device)
     if name not in COMPUTE_DTYPES:
-        raise KontextError(f"unknown --dtype {name!r}: choose auto or one of {', '.join(COMPUTE_DTYPES)}")
+        raise KontextError(f"unknown compute dtype {name!r}: choose auto or one of {', '.join(COMPUTE_DTYPES)}")
     return COMPUTE_DTYPES[name]
 
 
@@ -578,5 +577,5 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise KontextError("--device cuda: no CUDA GPU is available to this process")
+        raise KontextError("no CUDA GPU is available to this process")
     return torch.device(name)

@@ -51,10 +51,18 @@ class _FixedLengthTokenizer:
         """Number of ids the tokenizer can produce (special tokens included)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def room(self) -> int:
+        """How many of the prompt's tokens fit; the rest are cut."""
+        return self.length - len(self._prefix) - len(self._suffix)
+
+    def count(self, text: str) -> int:
+        """How many tokens ``text`` has before cutting."""
+        return len(self._backend.encode(text, add_special_tokens=False).ids)
+
     def __call__(self, text: str) -> list[int]:
         """The ``length`` ids of ``text``."""
-        room = self.length - len(self._prefix) - len(self._suffix)
-        pieces = self._backend.encode(text, add_special_tokens=False).ids[:room]
+        pieces = self._backend.encode(text, add_special_tokens=False).ids[: self.room]
         ids = self._prefix + pieces + self._suffix
         return ids + [self._pad_id] * (self.length - len(ids))
 

@@ -3,12 +3,15 @@ that runs edits on one loaded pipeline and writes each result through the filter
 
 from __future__ import annotations
 
+import codecs
 import glob
 import importlib
 import importlib.util
 import json
 import os
 import re
+import tempfile
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ from .pipeline import KontextPipeline
 
 NOTICE = (
     "note: the FLUX.1 [dev] Non-Commercial License requires content filtering or manual review of outputs "
-    "before they are shared; --filter MODULE:FUNCTION runs your own check before each write"
+    "before they are shared"
 )
 
 # fn(image, prompt) -> True or None: write; False or a string (the reason): refuse.
@@ -32,7 +35,7 @@ def load_filter(spec: str) -> OutputFilter:
     """Import the user's filter from ``MODULE:FUNCTION`` (MODULE may also be a ``.py`` file)."""
     module_name, sep, function_name = spec.rpartition(":")
     if not sep or not module_name or not function_name:
-        raise KontextError(f"--filter {spec}: expected MODULE:FUNCTION, e.g. myfilters:check")
+        raise KontextError(f"{spec}: expected MODULE:FUNCTION, e.g. myfilters:check")
     try:
         if module_name.endswith(".py"):
             where = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
@@ -44,12 +47,12 @@ def load_filter(spec: str) -> OutputFilter:
             module = importlib.import_module(module_name)
     except Exception as exc:  # the user's module may fail in any way while importing
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise KontextError(f"--filter {spec}: cannot import {module_name} ({message})") from None
+        raise KontextError(f"{spec}: cannot import {module_name} ({message})") from None
     function = getattr(module, function_name, None)
     if function is None:
-        raise KontextError(f"--filter {spec}: {module_name} has no {function_name}")
+        raise KontextError(f"{spec}: {module_name} has no {function_name}")
     if not callable(function):
-        raise KontextError(f"--filter {spec}: {module_name}.{function_name} is not callable")
+        raise KontextError(f"{spec}: {module_name}.{function_name} is not callable")
     return function
 
 
@@ -61,38 +64,111 @@ def refusal(output_filter: OutputFilter | None, image: Image.Image, prompt: str)
         verdict = output_filter(image, prompt)
     except Exception as exc:  # the user's code: report it as one line
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise KontextError(f"--filter failed: {message}") from None
+        raise KontextError(f"the output filter failed: {message}") from None
     if verdict is True or verdict is None:
         return None
     if verdict is False:
         return "refused"
     if isinstance(verdict, str):
         return verdict.splitlines()[0] if verdict.strip() else "refused"
-    raise KontextError(f"--filter returned {verdict!r}: expected True, None, False or a reason string")
+    raise KontextError(f"the output filter returned {verdict!r}: expected True, None, False or a reason string")
 
 
-def input_images(spec: Path) -> list[Path] | None:
-    """The inputs of a batch, sorted: the files of a folder or a glob's matches; None for one image file."""
+@dataclass(frozen=True)
+class Batch:
+    """The inputs of a batch, sorted, and the files among them that are not images (skipped)."""
+
+    images: list[Path]
+    skipped: list[Path]
+
+
+def input_images(spec: Path) -> Batch | None:
+    """The inputs of a batch: the files of a folder or a glob's matches; None for one image file.
+
+    A file whose name says it is an image is one (and fails later if it is broken); another is
+    skipped unless Pillow recognises its content, so that a notes.txt beside the photos is no failure.
+    """
     if spec.is_dir():
         found = [p for p in spec.iterdir() if p.is_file() and not p.name.startswith(".")]
         if not found:
-            raise KontextError(f"--image {spec}: the folder has no files")
+            raise KontextError(f"{spec}: the folder has no files")
     elif not spec.exists() and glob.has_magic(str(spec)):
         found = [Path(p) for p in glob.glob(str(spec)) if Path(p).is_file()]
         if not found:
-            raise KontextError(f"--image {spec}: no file matches")
+            raise KontextError(f"{spec}: no file matches")
     else:
         return None
-    return sorted(found)
+    batch = Batch([], [])
+    for path in sorted(found):
+        (batch.images if _looks_like_an_image(path) else batch.skipped).append(path)
+    if not batch.images:
+        raise KontextError(f"{spec}: no images among its {len(found)} file(s)")
+    return batch
+
+
+def _looks_like_an_image(path: Path) -> bool:
+    if path.suffix.lower() in Image.registered_extensions():
+        return True
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def checked_folder(folder: Path, context: str) -> Path:
-    """``folder`` if outputs can be written there, else a one-line error starting with ``context``."""
+    """``folder`` if outputs can be written there (tried by creating and removing a file), else a
+    one-line error starting with ``context``."""
     if not folder.is_dir():
-        raise KontextError(f"{context}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise KontextError(f"{context}: folder {folder} is not writable")
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise KontextError(f"{context}: folder {folder} {what}")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".lowvram_kontext-check-"):
+            pass
+    except OSError as exc:
+        raise KontextError(f"{context}: folder {folder} is not writable ({exc.strerror or exc})") from None
     return folder
+
+
+def checked_output(path: Path, context: str) -> Path:
+    """``path`` if a file of that name can be written (its folder writable, the name not too long, not a
+    folder), else a one-line error starting with ``context``."""
+    folder = checked_folder(path.parent, context)
+    longest = os.pathconf(folder, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    # the longest name written: the temporary ".NAME.partial", or a numbered "NAME-99.png" beside a taken one
+    if len(os.fsencode(path.name)) + len("..partial") + 3 > longest:
+        raise KontextError(
+            f"{context}: cannot write: the file name is longer than this folder allows ({longest} bytes)"
+        )
+    if path.is_dir():
+        raise KontextError(f"{context}: is a folder; name the file")
+    return path
+
+
+def _decode_as_cp1252(error: UnicodeError) -> tuple[str, int]:
+    """Bytes that are not UTF-8 read one by one as Windows-1252 (Latin-1 and its printable extension)."""
+    bad = error.object[error.start : error.end]  # type: ignore[attr-defined]
+    return bad.decode("cp1252", errors="replace"), error.end  # type: ignore[attr-defined]
+
+
+codecs.register_error("lowvram_kontext.cp1252", _decode_as_cp1252)
+
+
+def readable(text: str | bytes) -> str:
+    """Text from any bytes: UTF-8 where it is, other bytes as Windows-1252 (so ``caf\\xe9`` is café).
+
+    Accepts bytes or a str holding undecodable bytes as surrogates (how Python passes on command-line
+    arguments and file names that are not UTF-8). Control characters become spaces.
+    """
+    if isinstance(text, bytes):
+        raw = text
+    else:
+        try:
+            raw = text.encode("utf-8", errors="surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            raw = text.encode("utf-8", errors="replace")
+    decoded = raw.decode("utf-8", errors="lowvram_kontext.cp1252")
+    return "".join(" " if unicodedata.category(c) == "Cc" and c not in "\t\n" else c for c in decoded)
 
 
 @dataclass(frozen=True)
@@ -116,6 +192,9 @@ def slug(text: str, limit: int = 40) -> str:
     """A file-name-safe short form of an instruction: 'Add a hat!' -> 'add-a-hat'."""
     words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return words[:limit].rstrip("-") or "edit"
+
+
+ASPECT_TOLERANCE = 0.01  # a trained resolution this close to the input's aspect ratio changes nothing visible
 
 
 class Refused(KontextError):
@@ -147,8 +226,40 @@ class Editor:
         self.steps, self.guidance, self.seed = steps, guidance, seed
         self.width, self.height = width, height
         self.output_filter = output_filter
+        self._said: set[str] = set()
+
+    def changes(self, image: Image.Image, prompt: str) -> list[str]:
+        """One line for each way the edit will differ from what was asked: the output size rounded to
+        the model's grid, the aspect ratio moved to a trained resolution, the prompt cut to the text
+        encoders' limits."""
+        notes = []
+        width, height = self.pipeline.output_size(image, self.width, self.height)
+        grid = self.pipeline.vae_grid
+        if self.width is None and self.height is None:
+            aspect, chosen = image.width / image.height, width / height
+            if abs(chosen / aspect - 1) > ASPECT_TOLERANCE:
+                notes.append(
+                    f"size: a {image.width}x{image.height} input (aspect {aspect:.2f}) is edited at {width}x{height} "
+                    f"(aspect {chosen:.2f}), the trained resolution of the closest aspect ratio; "
+                    "give a width or height to choose"
+                )
+        elif self.width not in (None, width) or self.height not in (None, height):
+            asked = f"{self.width or 'auto'}x{self.height or 'auto'}"
+            notes.append(f"size: {asked} rounded down to {width}x{height} (sides are multiples of {grid})")
+        cut = [
+            (name, tokenizer.count(prompt), tokenizer.room)
+            for name, tokenizer in zip(("CLIP", "T5"), self.pipeline.tokenizers, strict=True)
+        ]
+        cut = [f"{name} reads {room} of its {count} tokens" for name, count, room in cut if count > room]
+        if cut:
+            notes.append(f"prompt: cut to the text encoders' limits: {', '.join(cut)}")
+        return notes
 
     def edit(self, image: Image.Image, prompt: str) -> Image.Image:
+        for note in self.changes(image, prompt):
+            if note not in self._said:  # once per run: a chain or a batch would repeat it
+                self._said.add(note)
+                self.pipeline.progress.say(note)
         result = self.pipeline.edit(
             image, prompt, self.steps, self.guidance, self.seed, self.width, self.height, self.references
         )
@@ -184,13 +295,13 @@ class Editor:
             text["references"] = json.dumps(list(self.reference_names))
         if len(p.loras):
             text["loras"] = json.dumps([{"file": str(lora.path), "strength": lora.strength} for lora in p.loras])
-        return text
+        return {key: readable(value) for key, value in text.items()}  # paths may hold any bytes
 
     def write(self, image: Image.Image, path: Path, prompts: Sequence[str], source: str) -> Path:
         """Write ``image`` atomically unless the filter refuses it (raises Refused); prints the path."""
         reason = refusal(self.output_filter, image, prompts[-1])
         if reason is not None:
-            raise Refused(f"{path}: not written, refused by --filter: {reason}")
+            raise Refused(f"{path}: not written, refused by the output filter: {reason}")
         images.save_png(image, path, self.metadata(image, prompts, source))
         print(path, flush=True)
         return path

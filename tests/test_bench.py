@@ -69,6 +69,7 @@ def _files(folder: Path) -> dict[Path, tuple[int, int]]:
     return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_bench_measures_each_profile_and_its_resident_twin(
     tmp_path: Path, synthetic_cache: Path, streamed_profile: str, capsys: pytest.CaptureFixture
 ) -> None:
@@ -121,6 +122,7 @@ def test_bench_measures_each_profile_and_its_resident_twin(
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_synthetic_files_are_reused_and_a_profile_that_cannot_fit_is_a_failed_row(
     tmp_path: Path, synthetic_cache: Path, streamed_profile: str, capsys: pytest.CaptureFixture
 ) -> None:
@@ -209,16 +211,19 @@ def test_random_payloads_have_the_layout_and_spread_of_a_trained_layer(fmt: str)
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "message", "code"),
     [
-        (["--small"], "error: bench measures on weights it writes itself: pass --synthetic"),
-        (["--synthetic", "--small", "--profiles", "nope"], "error: unknown profile 'nope'; known profiles: all-nf4"),
-        (["--synthetic", "--small", "--width", "40"], "error: --width must be a multiple of 16 of at least 16"),
-        (["--synthetic", "--small", "--steps", "0"], "error: --steps must be at least 1 and --warmup at least 0"),
+        (["--small"], "error: bench measures on weights it writes itself: pass --synthetic", 1),
+        (["--synthetic", "--small", "--profiles", "nope"], "error: unknown profile 'nope'; known profiles: all-nf4", 1),
+        (["--synthetic", "--small", "--width", "8"], "error: argument --width: must be from 16 to 16384 (got 8)", 2),
+        (["--synthetic", "--small", "--steps", "0"], "error: argument --steps: must be from 1 to 1000 (got 0)", 2),
+        (["--synthetic", "--small", "--warmup", "-1"], "error: argument --warmup: must be from 0 to 1000", 2),
     ],
 )
-def test_bad_options_end_with_one_line(options: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", *options]) == 1
+def test_bad_options_end_with_one_line(
+    options: list[str], message: str, code: int, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["bench", *options]) == code
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
 

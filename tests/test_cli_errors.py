@@ -26,12 +26,8 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-def _expect_one_line_error(
-    capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str, out: Path
-) -> None:
-    code = cli.main(
-        ["edit", "--out", str(out), "--steps", "1", "--width", "32", "--height", "32", "--quiet", *argv]
-    )
+def _expect_one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str, out: Path) -> None:
+    code = cli.main(["edit", "--out", str(out), "--steps", "1", "--width", "32", "--height", "32", "--quiet", *argv])
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert err.count("\n") == 0 and err.startswith("error: ") and "Traceback" not in err, err
@@ -99,8 +95,14 @@ def test_bad_arguments_and_images(
         ([*model, "--image", str(tmp_path / "absent.png"), "--prompt", "x"], "no such image file"),
         ([*model, "--image", str(not_an_image), "--prompt", "x"], "not an image"),
         ([*model, "--image", str(truncated), "--prompt", "x"], "unreadable image"),
-        ([*model, "--image", str(image), "--prompt", "x", "--steps", "0"], "--steps must be at least 1"),
-        ([*model, "--image", str(image), "--prompt", "x", "--dtype", "float13"], "unknown --dtype 'float13'"),
+        (
+            [*model, "--image", str(image), "--prompt", "x", "--steps", "0"],
+            "argument --steps: must be from 1 to 1000 (got 0)",
+        ),
+        (
+            [*model, "--image", str(image), "--prompt", "x", "--dtype", "float13"],
+            "argument --dtype: invalid choice: 'float13'",
+        ),
         (
             ["--model", str(tmp_path / "nowhere"), "--image", str(image), "--prompt", "x"],
             "no such model folder",
@@ -118,6 +120,7 @@ def test_unwritable_output_folder(
     _expect_one_line_error(capsys, argv, "does not exist", tmp_path / "no" / "such" / "out.png")
 
 
+@pytest.mark.slow
 def test_module_entry_point_reports_without_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [

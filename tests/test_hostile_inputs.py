@@ -323,10 +323,10 @@ def _permissions_stop_writes(folder: Path) -> bool:
 def test_unwritable_outputs(capsys: pytest.CaptureFixture[str], files: dict[str, Path], tmp_path: Path) -> None:
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    _fails(capsys, _edit(files, a_file / "out.png"), "does not exist")
+    _fails(capsys, _edit(files, a_file / "out.png"), "is not a folder")
     existing = tmp_path / "existing.png"
     existing.mkdir()
-    _fails(capsys, _edit(files, existing), "cannot write")
+    _fails(capsys, _edit(files, existing), "is a folder")
     assert existing.is_dir() and not list(existing.iterdir())
     _fails(capsys, _edit(files, tmp_path / "folder"), "name it .png")
     too_long = tmp_path / ("x" * 300 + ".png")

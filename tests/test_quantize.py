@@ -137,6 +137,7 @@ def test_quantizing_while_loading_equals_loading_a_quantized_file(quantized: dic
         assert torch.equal(on_the_fly(*inputs), from_file(*inputs))
 
 
+@pytest.mark.slow
 def test_every_format_runs_edit(quantized: dict[str, Path], tiny_root: Path, tmp_path: Path) -> None:
     image = tmp_path / "in.png"
     demo_image(32).save(image)
@@ -161,7 +162,7 @@ def test_info_describes_files(quantized: dict[str, Path], tiny_root: Path, capsy
 
 
 def _expect_error(capsys: pytest.CaptureFixture[str], argv: list[str], pattern: str, out: Path | None = None) -> None:
-    assert cli.main(argv) == 1
+    assert cli.main(argv) in (1, 2)  # 2: refused while reading the command line
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and pattern in err, err
     if out is not None:

@@ -101,6 +101,7 @@ def test_session_in_process_with_undo_and_save(
     assert "nothing to undo" in errors[1]
 
 
+@pytest.mark.slow
 def test_session_through_a_pipe(tiny_root: Path, input_png: Path, tmp_path: Path) -> None:
     argv = ["session", *_model(tiny_root), "--image", str(input_png), "--out-dir", str(tmp_path), *SMALL, "--verbose"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -125,7 +126,8 @@ def test_batch_over_folder_reports_failures(tiny_root: Path, tmp_path: Path, cap
     inputs = tmp_path / "in"
     inputs.mkdir()
     demo_image(32).save(inputs / "a.png")
-    (inputs / "notes.txt").write_text("not an image")
+    (inputs / "b.png").write_text("text named like a picture")
+    (inputs / "notes.txt").write_text("not an image, skipped")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     argv = ["edit", *_model(tiny_root), "--image", str(inputs), "--prompt", "x", "--out-dir", str(out_dir), *SMALL]
@@ -134,20 +136,26 @@ def test_batch_over_folder_reports_failures(tiny_root: Path, tmp_path: Path, cap
     captured = capsys.readouterr()
     assert captured.out.split() == [str(out_dir / "a-edited.png")]
     assert [p.name for p in out_dir.iterdir()] == ["a-edited.png"]
+    assert f"{inputs / 'notes.txt'}: skipped, not an image" in captured.err.splitlines()
     summary = captured.err[captured.err.index("done 1, failed 1") :].splitlines()
-    assert summary[0] == "done 1, failed 1"
-    assert len(summary) == 2 and "notes.txt: not an image" in summary[1]
+    assert summary[0] == "done 1, failed 1, skipped 1 (not images)"
+    assert len(summary) == 2 and "b.png: not an image" in summary[1]
 
 
 def test_batch_inputs(tmp_path: Path) -> None:
-    for name in ("b.png", "a.jpg", ".hidden", "c.txt"):
+    for name in ("b.png", "a.jpg", ".hidden", "c.txt", "readme"):
         (tmp_path / name).write_bytes(b"")
+    demo_image(16).save(tmp_path / "photo-without-suffix", format="PNG")
     (tmp_path / "sub").mkdir()
-    assert workflow.input_images(tmp_path) == [tmp_path / n for n in ("a.jpg", "b.png", "c.txt")]
-    assert workflow.input_images(tmp_path / "*.*g") == [tmp_path / "a.jpg", tmp_path / "b.png"]
+    batch = workflow.input_images(tmp_path)
+    assert batch.images == [tmp_path / n for n in ("a.jpg", "b.png", "photo-without-suffix")]
+    assert batch.skipped == [tmp_path / "c.txt", tmp_path / "readme"]  # not images, by name or content
+    assert workflow.input_images(tmp_path / "*.*g").images == [tmp_path / "a.jpg", tmp_path / "b.png"]
     assert workflow.input_images(tmp_path / "b.png") is None  # one image: not a batch
     with pytest.raises(KontextError, match="no file matches"):
         workflow.input_images(tmp_path / "*.webp")
+    with pytest.raises(KontextError, match="no images among its 2 file"):
+        workflow.input_images(tmp_path / "*[te]")
 
 
 def test_filter_refusal_writes_nothing(
@@ -167,7 +175,7 @@ def test_filter_refusal_writes_nothing(
     captured = capsys.readouterr()
     assert not out.exists() and not list(tmp_path.glob("*.png")) and not list(tmp_path.glob(".*partial"))
     assert captured.out == ""
-    assert captured.err.strip() == f"{out}: not written, refused by --filter: hats are not allowed"
+    assert captured.err.strip() == f"{out}: not written, refused by the output filter: hats are not allowed"
     import myfilters
 
     assert myfilters.seen == [((32, 32), "add a hat")]

@@ -6,15 +6,28 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from .. import bench, bench_plot
 from ..errors import KontextError
-from ..hardware import parse_size
 from ..paths import cache_dir
 from ..pipeline import COMPUTE_DTYPES
-from .options import add_compute_options
+from ..workflow import checked_folder
+from .options import (
+    GRID,
+    MAX_STEPS,
+    Range,
+    add_compute_options,
+    add_size_options,
+    add_steps,
+    add_vram_budget,
+    on_option,
+)
 
 DEFAULT_SIZE = 1024
-GRID = 16  # image sides: VAE downsampling (8) times the 2x2 packing
+DEFAULT_STEPS = 4
+MAX_REFERENCES = 16
+MAX_LORA_RANK = 3072  # the transformer's width: a higher rank adds nothing
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -25,15 +38,25 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--synthetic", action="store_true", help="run on random weights of the real shapes, written once to --cache-dir"
     )
     parser.add_argument("--profiles", help="profiles to run, separated by commas (default: all)")
+    add_vram_budget(parser)
+    add_size_options(parser, DEFAULT_SIZE)
+    add_steps(parser, DEFAULT_STEPS, "timed transformer steps")
     parser.add_argument(
-        "--vram-budget", help="act as a card of this size (e.g. 8GiB, 6000MiB; plain number: GiB); caps the allocator"
+        "--warmup",
+        type=Range(0, MAX_STEPS, whole=True),
+        default=1,
+        metavar="N",
+        help=f"untimed transformer steps before them, 0 to {MAX_STEPS} (default 1)",
     )
-    parser.add_argument("--width", type=int, default=DEFAULT_SIZE, help=f"edit width (default {DEFAULT_SIZE})")
-    parser.add_argument("--height", type=int, default=DEFAULT_SIZE, help=f"edit height (default {DEFAULT_SIZE})")
-    parser.add_argument("--steps", type=int, default=4, help="timed transformer steps (default 4)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed transformer steps before them (default 1)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON to this file")
-    parser.add_argument("--plot", type=Path, help="draw seconds per step and peak memory per profile (PNG; matplotlib)")
+    parser.add_argument(
+        "--json", type=Path, metavar="OUT", help="write the results as JSON to this file (default: none)"
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="OUT.png",
+        help="draw seconds per step and peak memory per profile (PNG; matplotlib) (default: none)",
+    )
     parser.add_argument(
         "--cache-dir", type=Path, help="where the synthetic weights are kept (default: the cache folder's synthetic/)"
     )
@@ -41,14 +64,19 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--session", action="store_true", help="also time a session's later edits (weights kept, prompt cache)"
     )
     parser.add_argument(
-        "--refs", type=int, default=0, help="reference images beside the input, as --ref adds them (default 0)"
+        "--refs",
+        type=Range(0, MAX_REFERENCES, whole=True),
+        default=0,
+        metavar="N",
+        help=f"reference images beside the input, as --ref adds them, 0 to {MAX_REFERENCES} (default 0)",
     )
     parser.add_argument(
         "--lora-rank",
-        type=int,
+        type=Range(0, MAX_LORA_RANK, whole=True),
         default=0,
         metavar="R",
-        help="apply a random rank-R LoRA to every layer of every transformer block (measures a LoRA's cost)",
+        help="apply a random rank-R LoRA to every layer of every transformer block (measures a LoRA's cost), "
+        f"0 to {MAX_LORA_RANK} (default 0: none)",
     )
     parser.add_argument("--small", action="store_true", help="the tiny model instead of the full-size one (CPU tests)")
     parser.add_argument(
@@ -64,27 +92,22 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _settings(args: argparse.Namespace) -> bench.BenchSettings:
     if not args.synthetic:
         raise KontextError("bench measures on weights it writes itself: pass --synthetic")
-    for name in ("width", "height"):
-        value = getattr(args, name)
-        if value < GRID or value % GRID:
-            raise KontextError(f"--{name} must be a multiple of {GRID} of at least {GRID} (got {value})")
-    if args.steps < 1 or args.warmup < 0:
-        raise KontextError(f"--steps must be at least 1 and --warmup at least 0 (got {args.steps}, {args.warmup})")
-    if args.refs < 0:
-        raise KontextError(f"--refs must be at least 0 (got {args.refs})")
-    if args.lora_rank < 0:
-        raise KontextError(f"--lora-rank must be 0 (no LoRA) or more (got {args.lora_rank})")
+    if not args.small and not torch.cuda.is_available():
+        raise KontextError("without a CUDA GPU the bench runs only the tiny model: pass --small")
     names = [n.strip() for n in (args.profiles or "").split(",") if n.strip()]
     dtypes = tuple(dict.fromkeys(d.strip() for d in args.dtype.split(",") if d.strip())) or ("auto",)
     unknown = [d for d in dtypes if d != "auto" and d not in COMPUTE_DTYPES]
     if unknown:
         raise KontextError(f"unknown --dtype {unknown[0]!r}: choose auto or one of {', '.join(COMPUTE_DTYPES)}")
+    width, height = args.width // GRID * GRID, args.height // GRID * GRID
+    if (width, height) != (args.width, args.height):
+        print(f"size: {args.width}x{args.height} rounded down to {width}x{height}", file=sys.stderr)
     return bench.BenchSettings(
         profiles=tuple(dict.fromkeys(names)),
-        budget_bytes=None if args.vram_budget is None else parse_size(args.vram_budget),
+        budget_bytes=args.vram_budget,
         cache_dir=args.cache_dir if args.cache_dir is not None else cache_dir() / "synthetic",
-        width=args.width,
-        height=args.height,
+        width=width,
+        height=height,
         steps=args.steps,
         warmup=args.warmup,
         small=args.small,
@@ -100,10 +123,11 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
 def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None and not path.parent.is_dir():
-            raise KontextError(f"{option} {path}: folder {path.parent} does not exist")
+        if path is not None:
+            checked_folder(path.parent, f"{option} {path}")
     if args.plot is not None:
-        bench_plot.require_matplotlib()
+        with on_option("--plot"):
+            bench_plot.require_matplotlib()
     report = bench.run_bench(settings, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(report.table())
     if args.json is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KontextError, WeightFileError
+from ..hardware import format_size
 from ..weights.files import FP8_DTYPES, QUANTIZED_KEY, gguf_source, is_gguf
 from ..weights.layouts import layout_name
 from ..weights.layouts.bundle import bundle_components
@@ -20,6 +21,7 @@ from ..weights.safetensors_file import SafetensorsFile
 from ..weights.source import TensorRef, TensorSource
 
 MAX_METADATA_CHARS = 120
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -64,8 +66,12 @@ def _identify(path: Path):  # noqa: ANN202
     raise WeightFileError(f"{path}: not a Kontext component ({problems[0]})")
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+def _count(n: int) -> str:
+    """A parameter count as people say it: ``11.90 B``, ``123.4 M``, ``12.3 K``, ``512``."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "B" else f"{n / size:.1f} {unit}"
+    return str(n)
 
 
 def _resident_bytes(ref: TensorRef, is_block_weight: bool) -> int:
@@ -81,6 +87,8 @@ def describe(path: Path) -> str:
     if path.is_dir() and (path / "model_index.json").is_file():
         parts = [describe(path / c.folder) for c in COMPONENTS.values() if (path / c.folder).is_dir()]
         return f"{path}: diffusers model folder\n\n" + "\n\n".join(parts)
+    if path.is_dir() and not (path / "config.json").is_file():
+        return _describe_folder(path)
     kind, metadata = _container(path)
     bundled = bundle_components(path) if path.is_file() else []
     if bundled:
@@ -112,14 +120,14 @@ def _describe_component(
     lines = [
         f"{path}",
         f"  file:        {kind}",
-        f"  component:   {component.label}, {params / 1e9:.3f} B parameters",
+        f"  component:   {component.label}, {_count(params)} parameters",
         f"  size:        {size}",
         f"  tensors:     {len(source)}",
     ]
     for fmt, n in counts.most_common():
-        lines.append(f"    {fmt:<14} {n:>5} tensors  {_size(sizes[fmt]):>12}")
-    lines.append(f"  on disk:     {_size(sum(sizes.values()))} of tensors")
-    lines.append(f"  resident:    {_size(resident)} of GPU memory to hold it all (bf16 compute)")
+        lines.append(f"    {fmt:<14} {n:>5} tensors  {format_size(sizes[fmt]):>12}")
+    lines.append(f"  on disk:     {format_size(sum(sizes.values()))} of tensors")
+    lines.append(f"  resident:    {format_size(resident)} of GPU memory to hold it all (bf16 compute)")
     return "\n".join(lines) + _metadata_lines(metadata)
 
 
@@ -131,6 +139,24 @@ def _metadata_lines(metadata: dict) -> str:
             text = text[:MAX_METADATA_CHARS] + f"... ({len(text)} chars)"
         lines.append(f"\n  metadata:    {key} = {text}")
     return "".join(lines)
+
+
+def _describe_folder(folder: Path) -> str:
+    """A folder of single files (ComfyUI, BFL): each weight file and model folder in it, the rest noted."""
+    parts, others = [], []
+    for entry in sorted(folder.iterdir()):
+        is_weights = entry.is_file() and entry.suffix.lower() in WEIGHT_SUFFIXES
+        if is_weights or (entry.is_dir() and (entry / "model_index.json").is_file()):
+            try:
+                parts.append(describe(entry))
+            except KontextError as exc:
+                parts.append(f"{entry}\n  not understood: {exc}")
+        elif not entry.name.startswith("."):
+            others.append(entry.name)
+    if not parts:
+        raise WeightFileError(f"{folder}: no weight files (.safetensors, .gguf) or model folders in it")
+    skipped = f"\n\nnot weight files, skipped: {', '.join(others)}" if others else ""
+    return f"{folder}: folder of {len(parts)} weight file(s) and model folder(s)\n\n" + "\n\n".join(parts) + skipped
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,12 +10,22 @@ from typing import Any
 import torch
 
 from ..compute import compiled
-from ..errors import KontextError
-from ..hardware import GIB
+from ..errors import KontextError, MissingComponent
+from ..hardware import GIB, format_size
 from ..pipeline import component_paths
 from ..planner import DEFAULT_EDIT_STEPS, ModelSizes, Plan, gib_text, load_profiles, plan
 from ..weights.loading import COMPONENTS
-from .options import add_compute_options, add_model_options, add_plan_options, chosen_profile, planning_machine
+from .options import (
+    GRID,
+    add_compute_options,
+    add_model_options,
+    add_plan_options,
+    add_size_options,
+    budget_line,
+    chosen_profile,
+    planning_machine,
+    supplying_option,
+)
 
 DEFAULT_SIZE = 1024
 ROUTES = {"triton": "Triton kernels", "torch": "PyTorch, without Triton: slower"}  # how dequantization runs
@@ -28,12 +38,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     add_plan_options(parser)
     add_compute_options(parser)
-    parser.add_argument("--ram", help="plan for a host with this much RAM (same units)")
     parser.add_argument(
-        "--gpu", metavar="NAME", help='plan for this card instead of the one here, e.g. "RTX 2060" or "GTX 1660 Super"'
+        "--gpu",
+        metavar="NAME",
+        help='plan for this card instead of the one here, e.g. "RTX 2060" or "GTX 1660 Super" (default: the one here)',
     )
-    parser.add_argument("--width", type=int, help=f"image width (default {DEFAULT_SIZE}, or --height)")
-    parser.add_argument("--height", type=int, help=f"image height (default {DEFAULT_SIZE}, or --width)")
+    add_size_options(parser, None, f"{DEFAULT_SIZE}, or the other side when one is given")
     parser.add_argument(
         "--successive",
         action="store_true",
@@ -46,26 +56,37 @@ def register(commands: argparse._SubParsersAction) -> None:
 def _model_sizes(args: argparse.Namespace) -> ModelSizes:
     """Sizes from the given files' headers; the standard Kontext sizes for components not given."""
     given = {name: getattr(args, name) for name in COMPONENTS}
-    return ModelSizes.from_files(**component_paths(args.model, **given))
+    try:
+        return ModelSizes.from_files(**component_paths(args.model, **given))
+    except MissingComponent as exc:
+        raise KontextError(f"{exc}: pass {supplying_option(exc.component, model_given=True)}") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    width = args.width or args.height or DEFAULT_SIZE
-    height = args.height or args.width or DEFAULT_SIZE
     profiles = load_profiles()
     name = chosen_profile(args, profiles)
     machine = planning_machine(args)
-    if machine is None:
+    if not machine.has_gpu and args.vram_budget is None:
         raise KontextError("no CUDA GPU here: pass --vram-budget SIZE to plan for a card of that size")
     if args.gpu is not None or not machine.has_gpu:  # a card of the table, or a hypothetical one
         compiles = compiled.resolve_for_card(args.compile, machine.compute_capability)[0]
     else:
         compiles = compiled.resolve(args.compile, torch.device("cuda"))[0]
+    sizes = _model_sizes(args)
+    width = (args.width or args.height or DEFAULT_SIZE) // GRID * GRID
+    height = (args.height or args.width or DEFAULT_SIZE) // GRID * GRID
     result = plan(
-        machine, profiles, width, height, _model_sizes(args), name, keep_weights=args.successive,
+        machine, profiles, width, height, sizes, name, keep_weights=args.successive,
         compute=args.compute, compiled=compiles,
     )  # fmt: skip
-    print(json.dumps(plan_dict(result), indent=2, default=str) if args.json else explain(result))
+    if args.json:
+        print(json.dumps(plan_dict(result), indent=2, default=str))
+        return 0
+    if args.vram_budget is not None:  # what the size given was read as
+        print(budget_line(args.vram_budget))
+    if args.ram is not None:
+        print(f"host RAM {format_size(args.ram)} ({args.ram} bytes)")
+    print(explain(result))
     return 0
 
 

@@ -17,13 +17,13 @@ from PIL import Image
 from .. import __version__, demo, workflow
 from ..errors import KontextError
 from ..lora import LoraSpec
-from ..pipeline import resolve_device
 from ..sampling import PREFERRED_RESOLUTIONS
 from ..server.editing import Defaults, JobProgress, PageEditor
 from ..server.gallery import Gallery, session_folder
 from ..server.http import MAX_LORA_STRENGTH, PageApp, PageServer
 from ..server.jobs import Events, JobQueue
-from .edit import add_edit_options, open_pipeline, start
+from .edit import compute_device, open_pipeline, start, use_demo
+from .options import add_edit_options
 
 DEFAULT_PORT = 8484
 DEFAULT_OUT_DIR = Path("kontext-outputs")
@@ -100,14 +100,11 @@ def page_server(args: argparse.Namespace) -> Iterator[PageServer]:
                 f"--lora {spec.path}: strength {spec.strength:g} is beyond what the page offers "
                 f"({-MAX_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g})"
             )
-    device = resolve_device(args.device)
+    device = compute_device(args)
     progress = JobProgress(quiet=args.quiet, device=device, verbose=args.verbose)
-    output_filter = start(args)
+    output_filter = start(args, progress)
     if args.demo:
-        progress.say(demo.NOTICE)
-        args.model = args.model or demo.demo_model()
-        if args.width is None and args.height is None:
-            args.width = args.height = demo.DEMO_SIZE
+        use_demo(args, progress)
     gallery = Gallery(session_folder(args.out_dir))
     width, height = planned_size(args)
     plan_args = argparse.Namespace(**{**vars(args), "width": width, "height": height})

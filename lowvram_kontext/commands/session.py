@@ -5,23 +5,35 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from PIL import Image
 
-from .. import images, workflow
+from .. import demo, images, workflow
 from ..errors import KontextError
 from ..lora import LoraSpec, strength
-from ..pipeline import resolve_device
 from ..progress import Progress
 from ..workflow import Editor, Refused
-from .edit import add_edit_options, editor, open_pipeline, start
+from .edit import compute_device, editor, open_pipeline, start, use_demo
+from .options import add_edit_options
 
+COMMANDS = (
+    ("INSTRUCTION", "edit the current image, e.g. 'Add a hat'; writes NNN-instruction.png"),
+    ("undo", "go back to the image before the last edit"),
+    ("save NAME", "write the current image as NAME.png"),
+    ("lora", "list the LoRAs in use"),
+    ("lora add FILE[:STRENGTH]", "apply a LoRA from the next edit on"),
+    ("lora set NAME STRENGTH", "re-weight a LoRA"),
+    ("lora rm NAME", "stop applying a LoRA"),
+    ("help", "list these commands"),
+    ("quit", "end the session (so does the end of the input)"),
+)
 HELP = (
-    "one instruction per line; 'undo' steps back, 'save NAME' writes NAME.png, 'quit' (or end of input) ends; "
-    "'lora' lists the LoRAs, 'lora add FILE[:STRENGTH]', 'lora set NAME STRENGTH', 'lora rm NAME' change them"
+    "one instruction per line; 'undo' steps back, 'save NAME' writes NAME.png, 'lora ...' changes the LoRAs, "
+    "'help' lists the commands, 'quit' (or end of input) ends"
 )
 
 
@@ -29,12 +41,26 @@ def register(commands: argparse._SubParsersAction) -> None:
     session = commands.add_parser(
         "session", help="edit an image step by step, one instruction per line of standard input", description=HELP
     )
-    session.add_argument("--image", type=Path, required=True, help="the starting image")
+    session.add_argument("--image", type=Path, help="the starting image (required unless --demo)")
     session.add_argument(
-        "--out-dir", type=Path, default=Path("."), help="where results go, as NNN-instruction.png (default: here)"
+        "--out-dir",
+        type=Path,
+        default=Path("."),
+        help="where results go, as NNN-instruction.png (default: the current folder)",
+    )
+    session.add_argument(
+        "--demo", action="store_true", help="start from the built-in picture on a tiny model with RANDOM weights"
     )
     add_edit_options(session)
     session.set_defaults(run=run)
+
+
+def lines_of(stream: IO[str]) -> Iterator[str]:
+    """The lines of ``stream`` as text whatever their bytes (see ``workflow.readable``): one line that is
+    not UTF-8 loses nothing, neither itself nor the lines after it."""
+    raw = getattr(stream, "buffer", None)
+    for line in raw if raw is not None else stream:
+        yield workflow.readable(line)
 
 
 @dataclass
@@ -63,6 +89,7 @@ class Session:
         self.number = first_free_number(out_dir)
 
     def run(self, lines: Iterable[str]) -> None:
+        """Handle each line; a line that fails is reported in one line and the session goes on."""
         for line in lines:
             line = line.strip()
             if not line:
@@ -75,11 +102,18 @@ class Session:
                 print(f"{exc}; still at the previous image", file=sys.stderr, flush=True)
             except KontextError as exc:
                 print(f"error: {exc}", file=sys.stderr, flush=True)
+            except Exception as exc:  # a bug of ours must not end the session and lose the lines after it
+                message = f"unexpected {type(exc).__name__}: {exc}".splitlines()[0]
+                print(f"error: {message}; still at the previous image", file=sys.stderr, flush=True)
 
     def handle(self, line: str) -> None:
-        """One line: ``undo``, ``save NAME``, ``lora ...``, or an instruction."""
+        """One line: ``help``, ``undo``, ``save NAME``, ``lora ...``, or an instruction."""
         current = self.history[-1]
-        if line == "lora" or line.startswith("lora "):
+        if line in ("help", "?"):
+            width = max(len(name) for name, _ in COMMANDS)
+            for name, what in COMMANDS:
+                print(f"  {name:<{width}}  {what}", file=sys.stderr, flush=True)
+        elif line == "lora" or line.startswith("lora "):
             self.lora(line.removeprefix("lora").strip())
         elif line == "undo":
             if len(self.history) == 1:
@@ -141,16 +175,21 @@ class Session:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
+    device = compute_device(args)
     progress = Progress(quiet=args.quiet, device=device, verbose=args.verbose)
-    output_filter = start(args)
-    out_dir = workflow.checked_folder(args.out_dir, "--out-dir")
-    image = images.load_image(args.image)
+    output_filter = start(args, progress)
+    if args.image is None and not args.demo:
+        raise KontextError("--image is required: the starting image (or --demo to try the built-in example)")
+    out_dir = workflow.checked_folder(args.out_dir, f"--out-dir {args.out_dir}")
+    if args.demo:
+        use_demo(args, progress)
+    image = images.load_image(args.image, progress.say) if args.image is not None else demo.demo_image()
+    source = str(args.image) if args.image is not None else "built-in demo image"
     pipeline = open_pipeline(args, image, progress, device, several=True)
     try:
         if sys.stdin.isatty():
             progress.say(HELP)
-        Session(editor(args, pipeline, output_filter), image, str(args.image), out_dir, progress).run(sys.stdin)
+        Session(editor(args, pipeline, output_filter), image, source, out_dir, progress).run(lines_of(sys.stdin))
     finally:
         pipeline.release()
     return 0

@@ -396,7 +396,7 @@ def plan(
     if width <= 0 or height <= 0:
         raise KontextError(f"the image size must be positive, got {width}x{height}")
     if machine.vram_free <= 0:
-        raise KontextError("no CUDA GPU here: pass --vram-budget SIZE to plan for a card of that size")
+        raise KontextError("no CUDA GPU here: plan for a card of a given size (a VRAM budget) instead")
     if not profiles:
         raise KontextError("no profiles to choose from")
     if profile_name is not None:

@@ -78,11 +78,11 @@ def convert(component_name: str, path: Path, fmt: str, out: Path) -> ConversionR
     gguf = writes_gguf(fmt)
     suffix = ".gguf" if gguf else ".safetensors"
     if out.suffix != suffix:
-        raise KontextError(f"--out {out}: format {fmt} is written as a {suffix} file")
+        raise KontextError(f"{out}: format {fmt} is written as a {suffix} file")
     if out.exists() and out.resolve() == Path(path).resolve():
-        raise KontextError(f"--out {out} is the input file: write to another name")
+        raise KontextError(f"{out} is the input file: write to another name")
     if not out.parent.is_dir():
-        raise KontextError(f"--out {out}: folder {out.parent} does not exist")
+        raise KontextError(f"{out}: folder {out.parent} does not exist")
     component = COMPONENTS[component_name]
     config, source = open_component(component, path)
     with torch.device("meta"):
