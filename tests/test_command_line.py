@@ -278,3 +278,17 @@ def test_cpu_work_uses_no_more_threads_than_free_cores(monkeypatch: pytest.Monke
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_info_counts_small_models_and_describes_a_folder_of_single_files(
+    tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("ae.safetensors", "clip_l.safetensors"):
+        shutil.copy(tiny_root / name, tmp_path / name)
+    (tmp_path / "readme.txt").write_text("where these came from")
+    assert cli.main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path}: folder of 2 weight file(s)")
+    assert "VAE, 1.0 M parameters" in out and "CLIP text encoder, 124.1 K parameters" in out
+    assert "0.000 B" not in out and "0.00 MiB" not in out
+    assert out.rstrip().endswith("not weight files, skipped: readme.txt")
