@@ -10,6 +10,7 @@ from .paths import cache_dir
 from .tiny import ensure_tiny_checkpoints
 
 DEMO_SIZE = 256
+DEMO_STEPS = 4  # the output is noise whatever the count: a few steps show every stage running
 DEMO_PROMPT = "Add a red hat to the snowman"
 NOTICE = (
     "demo: the model's weights are RANDOM (a tiny model of Kontext's architecture, made locally); "

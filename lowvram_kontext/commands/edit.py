@@ -19,6 +19,7 @@ from ..hardware import Machine, cap_allocator, format_size, usable_now
 from ..lora import LoraStack
 from ..paths import cache_dir
 from ..pipeline import (
+    DEFAULT_STEPS,
     KontextPipeline,
     compute_dtype,
     output_size,
@@ -89,6 +90,8 @@ def start(args: argparse.Namespace, progress: Progress) -> workflow.OutputFilter
     """Settle what the options leave open, read the reference images and import the filter, before
     anything loads."""
     args.seed = resolve_seed(args.seed, progress.say)
+    if args.steps is None:
+        args.steps = demo.DEMO_STEPS if args.demo else DEFAULT_STEPS
     args.references = reference_images(args)
     if args.filter is None:
         return None

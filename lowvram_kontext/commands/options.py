@@ -18,6 +18,7 @@ from PIL import Image
 
 from .. import images
 from ..compute import compiled, routes
+from ..demo import DEMO_STEPS
 from ..errors import KontextError, MissingComponent
 from ..gpus import find_gpu
 from ..hardware import Machine, detect, format_size, parse_size
@@ -206,10 +207,10 @@ def add_size_options(parser: argparse.ArgumentParser, default: int | None, defau
         )
 
 
-def add_steps(parser: argparse.ArgumentParser, default: int, what: str) -> None:
-    parser.add_argument(
-        "--steps", type=STEPS, default=default, metavar="N", help=f"{what}, 1 to {MAX_STEPS} (default {default})"
-    )
+def add_steps(parser: argparse.ArgumentParser, default: int | None, what: str, default_text: str = "") -> None:
+    """--steps: ``default``, or with None ``default_text`` says how the count is chosen."""
+    shown = f"default {default}" if default is not None else f"default {default_text}"
+    parser.add_argument("--steps", type=STEPS, default=default, metavar="N", help=f"{what}, 1 to {MAX_STEPS} ({shown})")
 
 
 def add_precision_options(parser: argparse.ArgumentParser) -> None:
@@ -229,7 +230,7 @@ def add_edit_options(parser: argparse.ArgumentParser) -> None:
     output filter, prompt cache and verbosity."""
     add_model_options(parser)
     sampling = parser.add_argument_group("sampling")
-    add_steps(sampling, DEFAULT_STEPS, "sampling steps")
+    add_steps(sampling, None, "sampling steps", f"{DEFAULT_STEPS}; {DEMO_STEPS} with --demo")
     sampling.add_argument(
         "--guidance",
         type=GUIDANCE,
