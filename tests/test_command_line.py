@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lowvram_kontext import cli, demo, hardware, pipeline
+from lowvram_kontext import cli, components, demo, hardware
 from lowvram_kontext.commands import edit, options
 from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
 from lowvram_kontext.planner import ModelSizes
@@ -38,13 +38,13 @@ def _value_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 def loads(monkeypatch: pytest.MonkeyPatch) -> Counter:
     """Counts the components read from disk (a run that fails early reads none)."""
     counts: Counter = Counter()
-    real = pipeline.load_component
+    real = components.load_component
 
     def counting(name: str, *args: object, **kwargs: object) -> object:
         counts[name] += 1
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "load_component", counting)
+    monkeypatch.setattr(components, "load_component", counting)
     return counts
 
 

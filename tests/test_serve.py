@@ -302,7 +302,7 @@ def test_the_output_filter_refuses_results_and_the_server_goes_on(guarded: PageS
     client = client_of(guarded)
     upload = client.upload(png_bytes())
     refused = client.wait(client.edit(upload["id"], "please refuse this")["id"])
-    assert refused["status"] == "failed" and "refused by --filter: not this one" in refused["error"]
+    assert refused["status"] == "failed" and "refused by the output filter: not this one" in refused["error"]
     assert not list(guarded.app.gallery.folder.glob("*.png"))
     assert client.wait(client.edit(upload["id"], "a fine edit")["id"])["status"] == "done"
 

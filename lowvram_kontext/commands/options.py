@@ -226,9 +226,11 @@ def add_precision_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_edit_options(parser: argparse.ArgumentParser) -> None:
-    """What every command that edits takes: model files, sampling, size, precision, device, memory plan,
-    output filter, prompt cache and verbosity."""
+    """What every command that edits takes: model files, LoRAs, reference images, sampling, size,
+    precision, device, memory plan, output filter, prompt cache and verbosity."""
     add_model_options(parser)
+    add_lora_options(parser)
+    add_reference_options(parser)
     sampling = parser.add_argument_group("sampling")
     add_steps(sampling, None, "sampling steps", f"{DEFAULT_STEPS}; {DEMO_STEPS} with --demo")
     sampling.add_argument(
