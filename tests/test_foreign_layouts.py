@@ -11,7 +11,7 @@ import torch
 
 from lowvram_kontext import cli
 from lowvram_kontext.demo import demo_image
-from lowvram_kontext.errors import KontextError, WeightFileError
+from lowvram_kontext.errors import MissingComponent, WeightFileError
 from lowvram_kontext.pipeline import ModelPaths
 from lowvram_kontext.tiny import TinyWeights
 from lowvram_kontext.tiny_foreign import bnb_nf4, comfy_mixed, write_foreign_checkpoints
@@ -179,13 +179,15 @@ def test_edit_from_one_all_in_one_file(
 
 
 def test_bundle_needs_tokenizers_and_names_what_it_lacks(foreign: Path, tiny_files: tuple, tmp_path: Path) -> None:
-    with pytest.raises(KontextError, match="--tokenizers"):
+    with pytest.raises(MissingComponent, match="no tokenizers given") as missing:
         ModelPaths.resolve(model=foreign / "comfy-bundle.safetensors")
+    assert missing.value.component == "tokenizers"  # the command adds: pass --tokenizers DIR
     file = SafetensorsFile(foreign / "comfy-bundle.safetensors")
     no_vae = {name: file.read(name) for name in file.keys() if not name.startswith("vae.")}
     save_safetensors(no_vae, tmp_path / "no-vae.safetensors")
-    with pytest.raises(KontextError, match="holds no VAE; pass --vae FILE"):
+    with pytest.raises(MissingComponent, match="holds no VAE") as missing:
         ModelPaths.resolve(model=tmp_path / "no-vae.safetensors", tokenizers=tmp_path)
+    assert missing.value.component == "vae"  # the command adds: pass --vae FILE
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMER_FILES))
