@@ -31,9 +31,7 @@ T5_LENGTH = 512
 
 # CLIP's word split: its two special tokens, English contractions, runs of letters, single digits,
 # runs of anything else that is not whitespace. Whitespace itself is dropped.
-_CLIP_SPLIT = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 class _FixedLengthTokenizer:
@@ -278,9 +276,7 @@ class T5Tokenizer(_FixedLengthTokenizer):
         with _reading(path, "a SentencePiece model"):
             model = path.read_bytes()
             processor = sentencepiece.SentencePieceProcessor(model_proto=model)
-            pieces = [
-                (processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())
-            ]
+            pieces = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
             sentinels = [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]
             pieces += [(token, 0.0) for token in sentinels]
             specials = [T5_PAD, T5_EOS, T5_UNK, *sentinels]

@@ -119,9 +119,7 @@ def _as_plain_format(tensor: torch.Tensor) -> QuantizedTensor:
     return QuantizedTensor(name, tensor.shape, data=tensor.contiguous())
 
 
-def _write_safetensors(
-    out: Path, component: str, fmt: str, stored: dict[str, torch.Tensor | QuantizedTensor]
-) -> None:
+def _write_safetensors(out: Path, component: str, fmt: str, stored: dict[str, torch.Tensor | QuantizedTensor]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     described: dict[str, dict] = {}
     for name, held in stored.items():
