@@ -1,6 +1,7 @@
 """Every install route carries the whole product: the package list names every package, the profiles
 ship inside the wheel, and an installed wheel plans and runs the demo from another folder."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,6 +17,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
+BUILD_OUTPUTS = ("build", "dist", "*.egg-info", ".venv", ".git", "__pycache__", ".pytest_cache")
 
 
 def _pyproject() -> dict:
@@ -38,8 +40,10 @@ def test_an_installed_wheel_plans_and_runs_the_demo_from_another_folder(tmp_path
     """Built without build isolation and installed without an index (no network); the new environment
     reaches this interpreter's packages (torch...) through a path file, which adds their folder but
     runs none of its own path files, so this checkout's editable install stays out of sight."""
+    # From a copy without build outputs, as a fresh clone is: a stale build/ folder would ship its files.
+    source = shutil.copytree(ROOT, tmp_path / "source", ignore=shutil.ignore_patterns(*BUILD_OUTPUTS))
     dist = tmp_path / "dist"
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(ROOT)]
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(source)]
     subprocess.run(build, check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = dist.glob("lowvram_kontext-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
