@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lowvram_kontext.commands.edit import _plan
+from lowvram_kontext.commands.options import memory_size, planning_machine
 from lowvram_kontext.commands.plan import explain
 from lowvram_kontext.demo import demo_image
 from lowvram_kontext.errors import KontextError
@@ -30,7 +31,7 @@ from lowvram_kontext.hardware import GIB
 from lowvram_kontext.lora import LoraStack
 from lowvram_kontext.paths import cache_dir
 from lowvram_kontext.pipeline import KontextPipeline, default_dtype
-from lowvram_kontext.planner import load_profiles, resolve_profile
+from lowvram_kontext.planner import ModelSizes, load_profiles, resolve_profile
 from lowvram_kontext.progress import Progress
 from lowvram_kontext.synthetic import synthetic_model
 
@@ -63,7 +64,7 @@ def blocker_bytes(pipeline: KontextPipeline, asked_gib: float | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vram-budget", default="8GiB", help="the card to act as (default 8GiB)")
+    parser.add_argument("--vram-budget", type=memory_size, default="8GiB", help="the card to act as (default 8GiB)")
     parser.add_argument("--profile", default="nf4-stream", help="the first plan's profile (default nf4-stream)")
     parser.add_argument("--blocker-gib", type=float, help="GiB taken after planning (default: see above)")
     parser.add_argument("--size", type=int, default=1024, help="edit width and height (default 1024)")
@@ -82,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         vram_budget=args.vram_budget, profile=profile.name, gpu=None, ram=None, ref=[], compute="auto", compile="auto"
     )  # the pipeline's own defaults below
     no_loras = LoraStack.of_files([], paths.transformer, paths.clip, paths.t5)
-    chosen, replan = _plan(plan_args, paths, device, False, no_loras, args.size, args.size)
+    machine = planning_machine(plan_args, paths.transformer)
+    sizes = ModelSizes.from_files(transformer=paths.transformer, t5=paths.t5, clip=paths.clip, vae=paths.vae)
+    chosen, replan = _plan(plan_args, machine, sizes, device, False, no_loras, args.size, args.size)
     progress.detail(explain(chosen))
     dtype = default_dtype(device)
     pipeline = KontextPipeline(paths, device, dtype, progress, plan=chosen, cache_dir=cache_dir(), replan=replan)
