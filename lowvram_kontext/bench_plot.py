@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bench import BenchReport
+from .bench_report import BenchReport
 from .errors import KontextError
 from .hardware import GIB
 

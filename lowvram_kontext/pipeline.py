@@ -22,7 +22,7 @@ from torch import nn
 from . import images, sampling
 from .components import Components
 from .compute import compiled, routes
-from .errors import KontextError, MissingComponent
+from .errors import KontextError
 from .gpus import known_gpu
 from .lora import Lora, LoraSpec, LoraStack
 from .lora import apply as lora_apply
@@ -37,8 +37,8 @@ from .prompt_cache import key as cache_key
 from .tokenizers import load_tokenizers
 from .vae_tiling import decode_tiled, encode_tiled
 from .weights.compressed_linear import CompressedLinear
-from .weights.layouts.bundle import bundle_components
 from .weights.loading import COMPONENTS, open_component
+from .weights.model_paths import ModelPaths
 
 DEFAULT_STEPS = 28
 DEFAULT_GUIDANCE = 2.5
@@ -49,65 +49,6 @@ ENCODE_OVERLAP = 64  # image pixels, likewise
 def _overlap(tile: int, preferred: int, multiple: int = 1) -> int:
     """The overlap for ``tile``: ``preferred``, or a quarter of small tiles, a multiple of ``multiple``."""
     return min(preferred, tile // 4) // multiple * multiple
-
-
-def component_paths(model: Path | None, **given: Path | None) -> dict[str, Path]:
-    """The path of each component given explicitly or found in ``model`` (a diffusers folder or an
-    all-in-one checkpoint file), checked to exist.
-
-    ``given`` maps component names ("transformer", "t5", "clip", "vae") to explicit paths or None;
-    a component neither given nor in a model folder is left out.
-    """
-    bundled = bundle_components(Path(model)) if model is not None and Path(model).is_file() else None
-    if model is not None and not Path(model).is_dir() and not bundled:
-        raise KontextError(f"{model}: no such model folder or all-in-one checkpoint file")
-    paths: dict[str, Path] = {}
-    for name, component in COMPONENTS.items():
-        path = given.get(name)
-        if path is None and bundled is not None:
-            if name not in bundled:
-                raise MissingComponent(f"{model}: the checkpoint holds no {component.label}", name)
-            path = Path(model)
-        elif path is None and model is not None:
-            path = Path(model) / component.folder
-            if not path.is_dir():
-                missing = f"{model}: the model folder has no {component.folder}/ ({component.label})"
-                raise MissingComponent(missing, name)
-        if path is not None:
-            if not Path(path).exists():
-                raise KontextError(f"{path}: no such {component.label} file or folder")
-            paths[name] = Path(path)
-    return paths
-
-
-@dataclass(frozen=True)
-class ModelPaths:
-    """Where each component's weights and the tokenizers are."""
-
-    transformer: Path
-    t5: Path
-    clip: Path
-    vae: Path
-    tokenizers: Path
-
-    @classmethod
-    def resolve(
-        cls,
-        model: Path | None = None,
-        transformer: Path | None = None,
-        t5: Path | None = None,
-        clip: Path | None = None,
-        vae: Path | None = None,
-        tokenizers: Path | None = None,
-    ) -> ModelPaths:
-        """Fill each path from the explicit option, else from the model folder; say what is missing."""
-        paths = component_paths(model, transformer=transformer, t5=t5, clip=clip, vae=vae)
-        for name, component in COMPONENTS.items():
-            if name not in paths:
-                raise MissingComponent(f"no {component.label} given", name)
-        if tokenizers is None and (model is None or not Path(model).is_dir()):
-            raise MissingComponent("no tokenizers given (a folder with tokenizer/ and tokenizer_2/)", "tokenizers")
-        return cls(tokenizers=Path(tokenizers if tokenizers is not None else model), **paths)
 
 
 @dataclass(frozen=True)
@@ -549,33 +490,3 @@ def output_size(image: Image.Image, width: int | None, height: int | None, grid:
     if width < grid or height < grid:
         raise KontextError(f"the output size must be at least {grid} pixels a side")
     return width // grid * grid, height // grid * grid
-
-
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-BF16_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 arithmetic
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU that has it (as the reference runs), float16 on older GPUs (Pascal, Turing: the
-    models guard its overflows), float32 on a CPU (bf16 matmuls are slow there)."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= BF16_CAPABILITY else torch.float16
-
-
-def compute_dtype(name: str, device: torch.device, compute: str = "auto") -> torch.dtype:
-    """The dtype ``name`` (bfloat16, float16, float32) denotes; "auto" is ``default_dtype``, or float16
-    on a GPU for ``--compute fp16``."""
-    if name == "auto":
-        return torch.float16 if compute == "fp16" and device.type == "cuda" else default_dtype(device)
-    if name not in COMPUTE_DTYPES:
-        raise KontextError(f"unknown compute dtype {name!r}: choose auto or one of {', '.join(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[name]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KontextError("no CUDA GPU is available to this process")
-    return torch.device(name)

@@ -24,7 +24,6 @@ from .models.autoencoder import AutoEncoderConfig
 from .models.clip import CLIPTextConfig
 from .models.flux import FluxConfig
 from .models.t5 import T5Config
-from .pipeline import ModelPaths
 from .tiny import TINY_CLIP_WIDTH, TINY_FLUX, TINY_T5_WIDTH, TINY_VAE, random_weight
 from .tiny_tokenizers import write_tiny_clip_tokenizer, write_tiny_t5_tokenizer
 from .weights.convert import GGUF_ARCH, canonical_format, writes_gguf
@@ -32,6 +31,7 @@ from .weights.files import QUANTIZED_KEY, t5_name_to_gguf
 from .weights.formats import PlainCodec, QuantizedTensor, codec, random_tensor
 from .weights.gguf_file import write_gguf
 from .weights.loading import COMPONENTS, compressible_weights
+from .weights.model_paths import ModelPaths
 from .weights.safetensors_file import write_safetensors_streaming
 
 DEFAULT_DTYPE = torch.bfloat16

@@ -83,6 +83,8 @@ def test_bench_measures_each_profile_and_its_resident_twin(
     assert list(rows) == ["resident-nf4", streamed_profile]  # the twin added, and run first
     assert all(r["completed"] and r["error"] is None for r in rows.values())
 
+    # The file reads back into the same report, so its plot can be drawn elsewhere (tools/plot_bench.py).
+    assert json.loads(bench.BenchReport.from_dict(report).to_json()) == report
     resident, streamed = rows["resident-nf4"], rows[streamed_profile]
     assert resident["reference"] and not streamed["reference"]
     assert resident["format"] == streamed["format"] == "nf4"

@@ -16,8 +16,9 @@ from PIL import Image
 
 from lowvram_kontext import cli, components, demo, hardware
 from lowvram_kontext.commands import edit, options
-from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
+from lowvram_kontext.pipeline import KontextPipeline
 from lowvram_kontext.planner import ModelSizes
+from lowvram_kontext.weights.model_paths import ModelPaths
 from lowvram_kontext.workflow import Editor
 
 QUICK = ["--steps", "1", "--width", "32", "--height", "32", "--device", "cpu", "--quiet"]

@@ -115,7 +115,8 @@ def test_output_records_the_edit_in_png_metadata(tiny_root: Path, input_png: Pat
 
 
 def test_seed_changes_the_image_and_is_reproducible(tiny_root: Path, input_png: Path, tmp_path: Path) -> None:
-    from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
+    from lowvram_kontext.pipeline import KontextPipeline
+    from lowvram_kontext.weights.model_paths import ModelPaths
 
     pipeline = KontextPipeline(ModelPaths.resolve(model=tiny_root / "diffusers"))
     image = Image.open(input_png).convert("RGB")

@@ -12,12 +12,12 @@ import torch
 from lowvram_kontext import cli
 from lowvram_kontext.demo import demo_image
 from lowvram_kontext.errors import MissingComponent, WeightFileError
-from lowvram_kontext.pipeline import ModelPaths
 from lowvram_kontext.tiny import TinyWeights
 from lowvram_kontext.tiny_foreign import bnb_nf4, comfy_mixed, write_foreign_checkpoints
 from lowvram_kontext.weights.files import open_weight_file
 from lowvram_kontext.weights.layouts import regroup
 from lowvram_kontext.weights.loading import load_component
+from lowvram_kontext.weights.model_paths import ModelPaths
 from lowvram_kontext.weights.safetensors_file import SafetensorsFile, save_safetensors
 from lowvram_kontext.weights.source import from_tensors
 

@@ -20,7 +20,7 @@ from lowvram_kontext.hardware import Machine
 from lowvram_kontext.lora import LoraSpec, LoraStack, apply, model_layers
 from lowvram_kontext.models.flux import FluxTransformer
 from lowvram_kontext.offload import StreamSettings, stream_model
-from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
+from lowvram_kontext.pipeline import KontextPipeline
 from lowvram_kontext.planner import ModelSizes, Streaming, VaeSettings, load_profiles, plan
 from lowvram_kontext.prompt_cache import PromptCache
 from lowvram_kontext.tiny import TINY_FLUX
@@ -29,6 +29,7 @@ from lowvram_kontext.weights.compressed_linear import CompressedLinear
 from lowvram_kontext.weights.flux_layout import diffusers_linears
 from lowvram_kontext.weights.formats import quantize
 from lowvram_kontext.weights.loading import load_component
+from lowvram_kontext.weights.model_paths import ModelPaths
 from lowvram_kontext.weights.safetensors_file import save_safetensors
 
 RANK = 4

@@ -15,10 +15,11 @@ from lowvram_kontext import components as components_module
 from lowvram_kontext.demo import demo_image
 from lowvram_kontext.errors import KontextError
 from lowvram_kontext.hardware import Machine
-from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
+from lowvram_kontext.pipeline import KontextPipeline
 from lowvram_kontext.planner import ModelSizes, Plan, Streaming, VaeSettings, load_profiles, plan
 from lowvram_kontext.progress import Progress
 from lowvram_kontext.weights.compressed_linear import ScratchPool
+from lowvram_kontext.weights.model_paths import ModelPaths
 
 SIZE = 48
 GIB = 2**30

@@ -10,8 +10,9 @@ from PIL import Image
 from lowvram_kontext import bench, cli, sampling
 from lowvram_kontext.demo import demo_image
 from lowvram_kontext.hardware import Machine
-from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
+from lowvram_kontext.pipeline import KontextPipeline
 from lowvram_kontext.planner import load_profiles, plan
+from lowvram_kontext.weights.model_paths import ModelPaths
 
 GIB = 2**30
 SIZE = 32
@@ -49,7 +50,8 @@ def test_planned_tokens_and_peaks_grow_with_references() -> None:
     assert resident[0].seconds_per_step < resident[1].seconds_per_step < resident[2].seconds_per_step
     assert resident[1].stage("vae_encode").peak_bytes == resident[0].stage("vae_encode").peak_bytes
     # A streamed profile fills the card with blocks: the longer sequence leaves room for fewer.
-    streamed = [plan(card, profiles, 1024, 1024, profile_name="nf4-stream", references=n).stage("transformer") for n in (0, 1)]
+    plans = [plan(card, profiles, 1024, 1024, profile_name="nf4-stream", references=n) for n in (0, 1)]
+    streamed = [p.stage("transformer") for p in plans]
     assert streamed[0].terms["activations"] < streamed[1].terms["activations"]
     assert streamed[0].resident_blocks > streamed[1].resident_blocks
     assert all(stage.fits for stage in streamed)

@@ -16,11 +16,12 @@ from PIL import Image
 from lowvram_kontext import cli, images
 from lowvram_kontext.demo import demo_image
 from lowvram_kontext.errors import Cancelled
-from lowvram_kontext.pipeline import KontextPipeline, ModelPaths
+from lowvram_kontext.pipeline import KontextPipeline
 from lowvram_kontext.progress import Progress
 from lowvram_kontext.server.client import PageClient, PageError
 from lowvram_kontext.server.http import PageServer
 from lowvram_kontext.tiny import TinyWeights
+from lowvram_kontext.weights.model_paths import ModelPaths
 
 from .page_server import SMALL, Recorder, client_of, png_bytes, running, serve_argv, write_lora
 

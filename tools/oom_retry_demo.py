@@ -26,11 +26,12 @@ from lowvram_kontext.commands.edit import _plan
 from lowvram_kontext.commands.options import memory_size, planning_machine
 from lowvram_kontext.commands.plan import explain
 from lowvram_kontext.demo import demo_image
+from lowvram_kontext.devices import default_dtype
 from lowvram_kontext.errors import KontextError
 from lowvram_kontext.hardware import GIB
 from lowvram_kontext.lora import LoraStack
 from lowvram_kontext.paths import cache_dir
-from lowvram_kontext.pipeline import KontextPipeline, default_dtype
+from lowvram_kontext.pipeline import KontextPipeline
 from lowvram_kontext.planner import ModelSizes, load_profiles, resolve_profile
 from lowvram_kontext.progress import Progress
 from lowvram_kontext.synthetic import synthetic_model

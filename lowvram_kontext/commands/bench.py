@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from .. import bench, bench_plot
+from ..devices import COMPUTE_DTYPES
 from ..errors import KontextError
 from ..paths import cache_dir
-from ..pipeline import COMPUTE_DTYPES
 from ..workflow import checked_folder
 from .options import (
     GRID,

@@ -14,19 +14,12 @@ from PIL import Image
 
 from .. import demo, images, workflow
 from ..compute import compiled
+from ..devices import compute_dtype, resolve_device
 from ..errors import KontextError
 from ..hardware import Machine, cap_allocator, format_size, usable_now
 from ..lora import LoraStack
 from ..paths import cache_dir
-from ..pipeline import (
-    DEFAULT_STEPS,
-    KontextPipeline,
-    compute_dtype,
-    output_size,
-    resolve_device,
-    vae_config,
-    vae_grid,
-)
+from ..pipeline import DEFAULT_STEPS, KontextPipeline, output_size, vae_config, vae_grid
 from ..planner import ModelSizes, Plan, load_profiles, plan, transformer_activation_bytes
 from ..progress import Progress
 from ..prompt_cache import PromptCache

@@ -19,12 +19,14 @@ from PIL import Image
 from .. import images
 from ..compute import compiled, routes
 from ..demo import DEMO_STEPS
+from ..devices import COMPUTE_DTYPES
 from ..errors import KontextError, MissingComponent
 from ..gpus import find_gpu
 from ..hardware import Machine, detect, format_size, parse_size
 from ..lora import LoraSpec, LoraStack
-from ..pipeline import COMPUTE_DTYPES, DEFAULT_GUIDANCE, DEFAULT_STEPS, ModelPaths
+from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from ..planner import Profile, load_profile_file
+from ..weights.model_paths import ModelPaths
 
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0

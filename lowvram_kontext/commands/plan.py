@@ -12,9 +12,9 @@ import torch
 from ..compute import compiled
 from ..errors import KontextError, MissingComponent
 from ..hardware import GIB, format_size
-from ..pipeline import component_paths
 from ..planner import DEFAULT_EDIT_STEPS, ModelSizes, Plan, gib_text, load_profiles, plan
 from ..weights.loading import COMPONENTS
+from ..weights.model_paths import component_paths
 from .options import (
     GRID,
     add_compute_options,
