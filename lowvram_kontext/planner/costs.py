@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ..compute import routes
-from ..gpus import REFERENCE, REFERENCE_EFFICIENCY
+from ..gpus import REFERENCE, REFERENCE_CALIBRATED_TFLOPS
 from ..hardware import GIB, MIB, Machine
 from ..models.clip import CLIPTextConfig
 from ..models.flux import FluxConfig
@@ -97,7 +97,7 @@ def card_slowdown(machine: Machine, cal: Calibration = CALIBRATION) -> float:
     (``Calibration.memory_bound_share``) with the memory bandwidth; 1 for a card of unknown speed."""
     if not machine.matmul_tflops:
         return 1.0
-    matmul = REFERENCE.tflops * REFERENCE_EFFICIENCY / machine.matmul_tflops
+    matmul = REFERENCE_CALIBRATED_TFLOPS / machine.matmul_tflops
     memory = REFERENCE.memory_gbps / machine.memory_gbps if machine.memory_gbps else matmul
     return (1 - cal.memory_bound_share) * matmul + cal.memory_bound_share * memory
 

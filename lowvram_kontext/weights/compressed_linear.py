@@ -83,7 +83,7 @@ class CompressedLinear(nn.Module):
             self.register_buffer(buffer, getattr(weight, field))
         self.register_buffer("bias", bias)
         self.pool = DEFAULT_POOL if pool is None else pool
-        # Each has ``add_to(x, out)``; as child modules their factors belong to the layer's block.
+        # Low-rank updates (``lora.apply.LowRank``): as child modules their factors belong to the layer's block.
         self.adapters = nn.ModuleDict()
 
     @classmethod
