@@ -132,20 +132,18 @@ class LoraStack:
         sizes = {}
         for component, shapes in layers.shapes.items():
             patterns = BLOCK_PATTERNS.get(component, ())
-            blocks = sorted(
-                {
-                    (order, int(m.group(1)))
-                    for name in shapes
-                    for order, p in enumerate(patterns)
-                    if (m := p.match(name))
-                }
-            )
+
+            def block_of(name: str, patterns: tuple[re.Pattern, ...] = patterns) -> tuple[int, int] | None:
+                """(which block list, index in it) of the layer ``name``, None outside the blocks."""
+                return next(((o, int(m.group(1))) for o, p in enumerate(patterns) if (m := p.match(name))), None)
+
+            blocks = sorted({block for name in shapes if (block := block_of(name)) is not None})
             index = {block: i for i, block in enumerate(blocks)}
             per_block = [0] * len(blocks)
             rest = 0
             for lora in self._loras:
                 for name, update in lora.updates.get(component, {}).items():
-                    block = next(((o, int(m.group(1))) for o, p in enumerate(patterns) if (m := p.match(name))), None)
+                    block = block_of(name)
                     if block is None:
                         rest += update.nbytes
                     else:
