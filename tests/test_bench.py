@@ -220,6 +220,7 @@ def test_random_payloads_have_the_layout_and_spread_of_a_trained_layer(fmt: str)
         (["--synthetic", "--small", "--width", "8"], "error: argument --width: must be from 16 to 16384 (got 8)", 2),
         (["--synthetic", "--small", "--steps", "0"], "error: argument --steps: must be from 1 to 1000 (got 0)", 2),
         (["--synthetic", "--small", "--warmup", "-1"], "error: argument --warmup: must be from 0 to 1000", 2),
+        (["--synthetic", "--small", "--dtype", "float32,f13"], "error: --dtype: unknown compute dtype 'f13'", 1),
     ],
 )
 def test_bad_options_end_with_one_line(
