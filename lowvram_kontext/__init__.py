@@ -1,3 +1,3 @@
 """FLUX.1 Kontext [dev] image editing on small GPUs."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

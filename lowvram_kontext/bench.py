@@ -33,6 +33,7 @@ import psutil
 import torch
 from PIL import Image
 
+from . import __version__
 from .bench_report import BenchReport, Row, error_pct, less_kept, size_text
 from .compute import compiled
 from .demo import demo_image
@@ -75,6 +76,7 @@ class BenchSettings:
     dtypes: tuple[str, ...] = ("auto",)  # compute dtypes, each profile runs in each (see devices.compute_dtype)
     compute: str = "auto"  # the transformer's route (compute.routes.CHOICES)
     compile: str = "auto"  # compiled blocks: auto, on, off
+    beside: tuple[str, ...] = ()  # profiles run as references beside the others (e.g. resident-bf16)
 
 
 class _PeakRss:
@@ -179,7 +181,11 @@ class _Bench:
         self.dtypes = tuple(dict.fromkeys(dtypes))
         self.images: dict[tuple[str, bool, torch.dtype], torch.Tensor] = {}  # each row's output, for dtype errors
         self.profiles = load_profiles()
-        settings = replace(settings, profiles=tuple(resolve_profile(self.profiles, n) for n in settings.profiles))
+        settings = replace(
+            settings,
+            profiles=tuple(resolve_profile(self.profiles, n) for n in settings.profiles),
+            beside=tuple(resolve_profile(self.profiles, n) for n in settings.beside),
+        )
         self.settings = settings
         self.machine = detect(settings.cache_dir)
         self.read_vram, self.vram_source = _vram_reader(self.device)
@@ -200,9 +206,10 @@ class _Bench:
         return (machine if budget is None else machine.with_budget(budget)), budget
 
     def schedule(self) -> list[tuple[str, bool]]:
-        """(profile, is a reference) in run order: the resident twins first, then the profiles asked for."""
+        """(profile, is a reference) in run order: the resident twins and the profiles to run beside the
+        others first, then the profiles asked for."""
         names = list(self.settings.profiles or sorted(self.profiles))
-        twins: list[str] = []
+        twins: list[str] = [name for name in self.settings.beside if name not in names]
         for name in names:
             twin = resident_twin(self.profiles, name)
             if self.profiles[name].transformer.resident_blocks != "all" and twin and twin not in names + twins:
@@ -220,7 +227,7 @@ class _Bench:
             "height": s.height, "steps": s.steps, "warmup": s.warmup, "small": s.small, "lora_rank": s.lora_rank,
             "references": s.references,
             "synthetic_dir": str(s.cache_dir), "prompt": PROMPT, "guidance": GUIDANCE, "seed": SEED,
-            "compute": s.compute, "compile": s.compile,
+            "compute": s.compute, "compile": s.compile, "version": __version__,
         }  # fmt: skip
         return BenchReport(self.machine_facts(), settings, rows, self.notes)
 

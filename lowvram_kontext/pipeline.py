@@ -28,6 +28,8 @@ from .lora import Lora, LoraSpec, LoraStack
 from .lora import apply as lora_apply
 from .lora import attach as attach_lora
 from .models.autoencoder import AutoEncoderConfig
+from .models.flux import FluxTransformer
+from .offload import StreamingEngine
 from .offload.streaming import model_blocks
 from .paths import cache_dir as default_cache_dir
 from .planner import Plan
@@ -338,10 +340,14 @@ class KontextPipeline:
         streamed_before = engine.bytes_streamed if engine is not None else 0
         copies_before = len(engine.copy_times()) if engine is not None else 0
 
+        times = sampling.schedule(steps, n_target)
+        modulations: dict[float, torch.Tensor] = {}
+
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             img = torch.cat([x.to(self.dtype), condition], dim=1)
             t_vec = torch.full((1,), t, device=self.device, dtype=self.dtype)
-            out = transformer(img, ids, prompt.txt, txt_ids, t_vec, prompt.vec, guidance_vec)
+            mod = modulations[t].to(self.device, non_blocking=True)
+            out = transformer(img, ids, prompt.txt, txt_ids, t_vec, prompt.vec, guidance_vec, modulations=mod)
             return out[:, :n_target]
 
         step_ends: list[float] = []
@@ -351,12 +357,12 @@ class KontextPipeline:
             step_ends.append(time.perf_counter())
             self.progress.step(done, total, step_ends[-1] - step_ends[-2])
 
-        times = sampling.schedule(steps, n_target)
         with_refs = f" ({len(references)} reference images)" if references else ""
         self.progress.say(
             f"sampling {steps} steps, {n_target} target + {condition.shape[1]} condition tokens{with_refs}"
         )
         with self._stage("transformer"):
+            modulations.update(self._modulations(transformer, engine, times[:-1], prompt.vec, guidance_vec))
             step_ends.append(time.perf_counter())
             tokens = sampling.euler(velocity, target.to(self.device), times, on_step=on_step)
         step_seconds = [end - start for start, end in zip(step_ends[:-1], step_ends[1:], strict=True)]
@@ -371,6 +377,21 @@ class KontextPipeline:
             seconds = sum(c.seconds for c in copies)
             self.stats.h2d_gbps = sum(c.nbytes for c in copies) / seconds / 1e9 if seconds > 0 else None
         return sampling.unpack(tokens, latent_h, latent_w)
+
+    def _modulations(
+        self,
+        transformer: FluxTransformer,
+        engine: StreamingEngine | None,
+        times: Sequence[float],
+        pooled: torch.Tensor,
+        guidance: torch.Tensor,
+    ) -> dict[float, torch.Tensor]:
+        """Every block's modulation at each step's time, computed in one pass over the modulation weights
+        (lent to the device one module at a time when they stream): host rows ``[1, total]`` by time."""
+        t = torch.tensor(times, device=self.device, dtype=self.dtype)
+        vec = transformer.vector(t, pooled.to(self.dtype).expand(len(times), -1), guidance.expand(len(times)))
+        rows = transformer.modulations(vec, engine.lent if engine is not None else None).cpu()
+        return dict(zip(times, rows.split(1), strict=True))
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> Image.Image:

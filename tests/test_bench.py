@@ -274,3 +274,11 @@ def test_lora_rank_applies_a_synthetic_lora_on_every_block_and_plans_its_bytes(t
     # its factors are counted with their blocks (all resident here), in bf16
     added = row["predicted_peak_bytes"]["transformer"] - plain["rows"][0]["predicted_peak_bytes"]["transformer"]
     assert added == sum(2 * math.prod(file.shape(n)) for n in file.keys())
+
+
+def test_profiles_beside_the_others_run_first_as_references(tmp_path: Path) -> None:
+    settings = bench.BenchSettings(
+        ("nf4-stream",), 8 << 30, tmp_path, small=True, beside=("resident-bf16", "8gb")
+    )  # "8gb": nf4-stream's former name, already asked for
+    runner = bench._Bench(settings, say=lambda _: None)
+    assert runner.schedule() == [("resident-bf16", True), ("resident-nf4", True), ("nf4-stream", False)]

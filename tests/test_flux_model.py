@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from torch import nn
 
 from lowvram_kontext.errors import KontextError, WeightFileError
 from lowvram_kontext.models.flux import FluxConfig, FluxTransformer
@@ -185,9 +189,7 @@ def test_diffusers_mapping_is_lazy_and_checks_names() -> None:
     source = from_tensors(diffusers_sd)
     reads: list[str] = []
     for name, ref in source.items():
-        source[name] = TensorRef(
-            ref.shape, ref.dtype, lambda n=name, r=ref: reads.append(n) or r.read(), name
-        )
+        source[name] = TensorRef(ref.shape, ref.dtype, lambda n=name, r=ref: reads.append(n) or r.read(), name)
     mapped = flux_from_diffusers(source, TINY)
     assert reads == []
     mapped["single_blocks.1.linear1.weight"].load()
@@ -208,15 +210,11 @@ def test_state_dict_has_bfl_names() -> None:
     with torch.device("meta"):
         names = set(FluxTransformer(TINY).state_dict())
     linears = ["img_in", "txt_in", "final_layer.linear", "final_layer.adaLN_modulation.1"]
-    linears += [
-        f"{e}.{layer}" for e in ("time_in", "vector_in", "guidance_in") for layer in ("in_layer", "out_layer")
-    ]
+    linears += [f"{e}.{layer}" for e in ("time_in", "vector_in", "guidance_in") for layer in ("in_layer", "out_layer")]
     scales = []
     for i in range(TINY.depth):
         for s in ("img", "txt"):
-            linears += [
-                f"double_blocks.{i}.{s}_{m}" for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")
-            ]
+            linears += [f"double_blocks.{i}.{s}_{m}" for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")]
             scales += [f"double_blocks.{i}.{s}_attn.norm.{n}_norm.scale" for n in ("query", "key")]
     for i in range(TINY.depth_single_blocks):
         linears += [f"single_blocks.{i}.{m}" for m in ("linear1", "linear2", "modulation.lin")]
@@ -296,3 +294,41 @@ def test_guidance_required() -> None:
     inp["guidance"] = None
     with pytest.raises(KontextError, match="guidance"):
         run_ours(model, inp)
+
+
+def test_modulations_of_every_step_at_once_equal_each_steps_own() -> None:
+    """Sampling computes all steps' modulations in one batch before the steps; each step's output with
+    its row equals the output that computes its modulation itself."""
+    model, _ = tiny_model()
+    inp = kontext_inputs(batch=1)
+    times = torch.tensor([1.0, 0.62, 0.25])
+    with torch.no_grad():
+        vec = model.vector(times, inp["y"].expand(3, -1), inp["guidance"].expand(3))
+        table = model.modulations(vec)
+        assert table.shape == (3, (12 * TINY.depth + 3 * TINY.depth_single_blocks) * TINY.hidden_size)
+        for row, t in zip(table.split(1), times, strict=True):
+            step = {**inp, "timesteps": t[None]}
+            own = run_ours(model, step)
+            given = model(
+                step["img"], step["img_ids"][None], step["txt"], step["txt_ids"][None], step["timesteps"],
+                step["y"], step["guidance"], modulations=row,
+            )  # fmt: skip
+            torch.testing.assert_close(given, own, rtol=1e-5, atol=1e-5)  # a batched matmul may round otherwise
+        assert not torch.equal(table[0], table[1])  # each step has its own
+
+
+def test_modulations_run_inside_what_lends_them() -> None:
+    model, _ = tiny_model()
+    lent: list[nn.Module] = []
+
+    @contextmanager
+    def lend(module: nn.Module) -> Iterator[None]:
+        lent.append(module)
+        yield
+
+    with torch.no_grad():
+        model.modulations(model.vector(torch.tensor([0.5]), torch.zeros(1, TINY.vec_in_dim), torch.tensor([2.5])), lend)
+    assert lent == model.prepass_modules()
+    assert lent == [m for b in model.double_blocks for m in (b.img_mod, b.txt_mod)] + [
+        b.modulation for b in model.single_blocks
+    ]

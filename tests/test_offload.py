@@ -63,8 +63,9 @@ def random_model(kind: str, compressed: str | None = None) -> nn.Module:
     return model.eval()
 
 
-def run(model: nn.Module, device: str = "cpu") -> torch.Tensor:
-    """One forward on fixed inputs (a 2x3 image, 5 text tokens for Flux; 7 tokens for T5)."""
+def run(model: nn.Module, device: str = "cpu", engine: StreamingEngine | None = None) -> torch.Tensor:
+    """One forward on fixed inputs (a 2x3 image, 5 text tokens for Flux; 7 tokens for T5). Flux's
+    modulations are computed first, as sampling does, with the modules ``engine`` lends."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         if isinstance(model, T5Encoder):
@@ -80,7 +81,10 @@ def run(model: nn.Module, device: str = "cpu") -> torch.Tensor:
             "y": torch.randn(1, FLUX_CONFIG.vec_in_dim, generator=g),
             "guidance": torch.tensor([2.5]),
         }
-        return model(**{name: t.to(device) for name, t in inputs.items()})
+        inputs = {name: t.to(device) for name, t in inputs.items()}
+        vec = model.vector(inputs["timesteps"], inputs["y"], inputs["guidance"])
+        mods = model.modulations(vec, engine.lent if engine is not None else None)
+        return model(**inputs, modulations=mods)
 
 
 @cache
@@ -178,16 +182,20 @@ def test_blocks_hold_views_of_one_packed_buffer_and_run_from_slots():
     model = random_model("flux")
     blocks = model_blocks(model)
     engine = stream_model(model, "cpu", StreamSettings(resident=1, prefetch=1, host="pageable", trace=True))
+    lent = model.prepass_modules()  # the modulations: packed on their own, never in a slot
     packed = {}
     for index, block in enumerate(blocks[1:], start=1):
-        storages = {held.tensor.untyped_storage().data_ptr() for held in block_tensors(block)}
+        storages = {held.tensor.untyped_storage().data_ptr() for held in block_tensors(block, lent)}
         assert len(storages) == 1  # all of the block's tensors view one host buffer
         packed[index] = storages.pop()
+    lent_storages = {id(m): {h.tensor.untyped_storage().data_ptr() for h in block_tensors(m)} for m in lent}
+    assert all(len(found) == 1 for found in lent_storages.values())
+    assert not set().union(*lent_storages.values()) & set(packed.values())
     seen = {}
 
     def record(index):
         def hook(module, args):
-            seen[index] = {held.tensor.untyped_storage().data_ptr() for held in block_tensors(module)}
+            seen[index] = {held.tensor.untyped_storage().data_ptr() for held in block_tensors(module, lent)}
 
         return hook
 
@@ -206,7 +214,12 @@ def test_blocks_hold_views_of_one_packed_buffer_and_run_from_slots():
 def test_statistics():
     model = random_model("flux")
     blocks = model_blocks(model)
-    sizes = [sum(h.tensor.numel() * h.tensor.element_size() for h in block_tensors(b)) for b in blocks]
+    lent = model.prepass_modules()  # held apart: neither resident nor streamed
+
+    def nbytes(held):
+        return sum(h.tensor.numel() * h.tensor.element_size() for h in held)
+
+    sizes = [nbytes(block_tensors(b, lent)) for b in blocks]
     engine = stream_model(model, "cpu", StreamSettings(resident=2, prefetch=1, host="pinned", measure=True, trace=True))
     run(model)
     run(model)
@@ -216,7 +229,8 @@ def test_statistics():
     assert engine.slot_bytes >= max(sizes[2:])
     assert engine.bytes_per_forward >= sum(sizes[2:])
     total = sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers()))
-    assert engine.outside_bytes == total - sum(sizes)  # what is not in a block: embedders, final layer
+    in_blocks = sum(nbytes(block_tensors(b)) for b in blocks)
+    assert engine.outside_bytes == total - in_blocks  # what is not in a block: embedders, final layer
     assert engine.device_bytes() == 2 * engine.slot_bytes + engine.resident_bytes + engine.outside_bytes
     loads = [step.block for step in engine.trace if step.action == "load"]
     copies = engine.copy_times()
@@ -328,7 +342,8 @@ def test_kept_host_copies_make_detach_and_attach_cheap(kind, resident, monkeypat
     expected = resident_output(kind)
     resident = block_count(kind) if resident == "all" else resident
     engine = stream_model(model, "cpu", StreamSettings(resident, 1, host="mmap", cache_dir=tmp_path, keep_host=True))
-    assert len(packed) == block_count(kind) + 1  # every block, and the tensors outside the blocks
+    lent = len(model.prepass_modules()) if kind == "flux" else 0
+    assert len(packed) == block_count(kind) + 1 + lent  # every block, the tensors outside them, each modulation
     host_copies = None
     for _ in range(3):
         assert torch.equal(run(model), expected)
@@ -340,7 +355,7 @@ def test_kept_host_copies_make_detach_and_attach_cheap(kind, resident, monkeypat
         assert _tensor_addresses(model) == host_copies  # the same copies every time, nothing copied back
         assert attached != host_copies  # attached, the outside tensors at least were device copies
         assert engine.attach() is engine
-    assert len(packed) == block_count(kind) + 1  # attaching again packed nothing
+    assert len(packed) == block_count(kind) + 1 + lent  # attaching again packed nothing
     engine.close()
     assert torch.equal(run(model), expected)
 
@@ -361,7 +376,7 @@ def test_packing_frees_each_old_tensor_at_once(monkeypatch):
 
     monkeypatch.setattr(engine_module, "pack", watching_pack)
     engine = stream_model(model, "cpu", StreamSettings(resident=2, prefetch=1, host="pageable", keep_host=True))
-    assert len(old_alive) == block_count("flux") + 1
+    assert len(old_alive) == block_count("flux") + 1 + len(model.prepass_modules())
     packed_before = 0
     for alive, group in old_alive:  # the earlier groups' old tensors are gone
         assert alive == len(originals) - packed_before
@@ -447,14 +462,30 @@ def test_cuda_streamed_equals_resident(kind, host, tmp_path):
     blocks = model_blocks(model)
     streamed = len(blocks) - 1
     if host == "partly pinned":  # room to pin the first streamed block only
-        tier, cap = "pinned", BlockLayout(block_tensors(blocks[1])).nbytes
+        tier, cap = "pinned", BlockLayout(block_tensors(blocks[1], model.prepass_modules())).nbytes
         tiers = ["pinned"] + ["pageable"] * (streamed - 1)
     else:
         tier, cap, tiers = host, None, [host] * streamed
     engine = stream_model(model, "cuda", StreamSettings(1, 1, host=tier, pinned_cap_bytes=cap, cache_dir=tmp_path))
     assert engine.tiers == tiers
     for _ in range(3):
-        assert torch.equal(run(model, "cuda"), expected)
+        assert torch.equal(run(model, "cuda", engine), expected)
+    engine.detach()
+
+
+@CUDA
+def test_cuda_lent_modules_are_on_the_device_only_while_lent():
+    model = random_model("flux")
+    engine = stream_model(model, "cuda", StreamSettings(resident=2, prefetch=1, host="pinned"))
+    devices = lambda module: {t.device.type for t in chain(module.parameters(), module.buffers())}  # noqa: E731
+    for module in model.prepass_modules():  # the resident blocks' modulations too
+        assert devices(module) == {"cpu"}
+        with engine.lent(module):
+            assert devices(module) == {"cuda"}
+        assert devices(module) == {"cpu"}
+    assert engine.pinned_bytes == engine.bytes_per_forward + sum(
+        BlockLayout(block_tensors(m)).nbytes for m in model.prepass_modules()
+    )
     engine.detach()
 
 
@@ -462,13 +493,15 @@ def test_cuda_streamed_equals_resident(kind, host, tmp_path):
 def test_cuda_kept_host_copies_free_the_device_on_detach():
     expected = run(random_model("flux").cuda(), "cuda")
     model = random_model("flux")
-    streamed = sum(BlockLayout(block_tensors(block)).nbytes for block in model_blocks(model)[2:])
+    lent = model.prepass_modules()
+    streamed = sum(BlockLayout(block_tensors(block, lent)).nbytes for block in model_blocks(model)[2:])
+    streamed += sum(BlockLayout(block_tensors(module)).nbytes for module in lent)
     before = torch.cuda.memory_allocated()
-    # Room to pin the streamed blocks only: the kept resident copies are pageable.
+    # Room to pin the streamed blocks and the lent modulations only: the kept resident copies are pageable.
     engine = stream_model(model, "cuda", StreamSettings(2, 1, host="pinned", pinned_cap_bytes=streamed, keep_host=True))
     assert engine.pinned_bytes == streamed
     for _ in range(3):
-        assert torch.equal(run(model, "cuda"), expected)
+        assert torch.equal(run(model, "cuda", engine), expected)
         engine.detach()
         assert all(t.device.type == "cpu" for t in chain(model.parameters(), model.buffers()))
         assert torch.cuda.memory_allocated() == before
@@ -484,10 +517,10 @@ def test_cuda_kept_host_copies_free_the_device_on_detach():
 def test_cuda_reserved_memory_is_flat_across_forwards(host):
     model = random_model("flux")
     engine = stream_model(model, "cuda", StreamSettings(resident=1, prefetch=2, host=host))
-    run(model, "cuda")
+    run(model, "cuda", engine)
     reserved = []
     for _ in range(3):
-        run(model, "cuda")
+        run(model, "cuda", engine)
         torch.cuda.synchronize()
         reserved.append(torch.cuda.memory_reserved())
     assert reserved[0] == reserved[1] == reserved[2]

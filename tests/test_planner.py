@@ -79,10 +79,14 @@ def test_storage_bytes_equal_what_each_format_really_stores() -> None:
 
 
 def test_real_component_sizes() -> None:
-    double, single, rest = flux_parts(FluxConfig())
+    double, single, rest, double_mods, single_mod = flux_parts(FluxConfig())
     count = lambda part: sum(map(math.prod, part.matrices)) + part.other  # noqa: E731
-    assert (count(double), count(single), count(rest)) == (339_831_296, 141_591_808, 64_124_992)
-    assert 19 * double.nbytes("bf16") + 38 * single.nbytes("bf16") + rest.nbytes("bf16") == 2 * 11_901_408_320
+    # The blocks' modulations are parts of their own: 2 x (3072 -> 6 x 3072) and 3072 -> 3 x 3072.
+    assert (count(double_mods), count(single_mod)) == (113_283_072, 28_320_768)
+    assert (count(double) + count(double_mods), count(single) + count(single_mod)) == (339_831_296, 141_591_808)
+    assert count(rest) == 64_124_992
+    whole = 19 * (double.nbytes("bf16") + double_mods.nbytes("bf16")) + rest.nbytes("bf16")
+    assert whole + 38 * (single.nbytes("bf16") + single_mod.nbytes("bf16")) == 2 * 11_901_408_320
     first, other, t5_rest = t5_parts(T5Config())
     assert count(first) + 23 * count(other) + count(t5_rest) == 4_762_310_656
     assert count(clip_part(CLIPTextConfig())) == 123_060_480
@@ -93,10 +97,13 @@ def test_file_headers_give_sizes_and_formats(tiny_root: Path) -> None:
     sizes = ModelSizes.from_files(
         transformer=tiny_root / "diffusers" / "transformer", t5=tiny_root / "t5xxl.safetensors"
     )
-    double, single, _ = flux_parts(sizes.flux)
+    double, single, *_ = flux_parts(sizes.flux)
     assert sizes.flux.depth == 2 and sizes.flux.depth_single_blocks == 3
     assert sizes.transformer_file.format == "bf16"
     assert sizes.transformer_file.block_bytes == (double.nbytes("bf16"),) * 2 + (single.nbytes("bf16"),) * 3
+    parts = flux_parts(sizes.flux)
+    modulations = 2 * parts.double_modulations.nbytes("bf16") + 3 * parts.single_modulation.nbytes("bf16")
+    assert sizes.transformer_file.modulation_bytes == modulations
     first, other, _ = t5_parts(sizes.t5)
     assert sizes.t5_file.block_bytes == (first.nbytes("bf16"), other.nbytes("bf16"))
     fp8 = ModelSizes.from_files(transformer=tiny_root / "flux1-kontext-dev-fp8.safetensors")
@@ -115,7 +122,7 @@ def test_a_gguf_file_is_planned_as_it_is_stored(profiles, tiny_root: Path, tmp_p
         tensors[name] = quantize(values, "Q4_0" if values.ndim == 2 and "blocks." in name else "F32")
     write_gguf(tmp_path / "flux-Q4_0.gguf", "flux", tensors)
     sizes = ModelSizes.from_files(tmp_path / "flux-Q4_0.gguf")
-    double, single, _ = flux_parts(sizes.flux)
+    double, single, *_ = flux_parts(sizes.flux)
     # Block matrices as stored, norms and biases (F32 in the file) held in bf16 as the loader does.
     assert sizes.transformer_file.format == "Q4_0"
     assert sizes.transformer_file.block_bytes == (double.nbytes("Q4_0"),) * 2 + (single.nbytes("Q4_0"),) * 3
@@ -138,12 +145,18 @@ def test_larger_images_need_more_memory_and_time(profiles) -> None:
         assert all(a.stage(stage).peak_bytes <= b.stage(stage).peak_bytes for a, b in pairwise(plans)), stage
 
 
+# Runs of earlier versions timed code since made faster (0.1: every step ran the blocks' modulations).
+PREDICTED_VERSIONS = ("0.2.",)
+
+
 def _calibration_conditions(run: dict, row: dict) -> bool:
-    """Whether a bench row ran as the time model's calibration did: bfloat16, eager, Triton dequantization,
-    no reference images, no LoRA (the other runs measure what those change; README tables them)."""
+    """Whether a bench row ran as the time model's calibration did: this version's code, bfloat16, eager,
+    Triton dequantization, no reference images, no LoRA (the other runs measure what those change;
+    README tables them)."""
     settings = run["settings"]
     return (
-        row.get("dtype", "bfloat16") == "bfloat16"
+        settings.get("version", "0.1.0").startswith(PREDICTED_VERSIONS)
+        and row.get("dtype", "bfloat16") == "bfloat16"
         and row.get("dequant_route", "triton") == "triton"
         and not row.get("compile_seconds")
         and row["tokens"]["image"] == 2 * row["width"] * row["height"] // 256  # target + condition only
@@ -223,8 +236,10 @@ def test_choices_over_cards_and_hosts(profiles, ram: int) -> None:
 
 @pytest.mark.parametrize(
     "vram, ram, expected",
-    [(4, 64, "all-nf4-stream"), (8, 64, "nf4-stream"), (12, 64, "int8-stream"), (24, 64, "bf16-stream"),
-     (8, 16, "nf4-stream-lowram"), (4, 16, "nf4-stream-lowram"), (6, 8, "nf4-mmap"), (12, 8, "resident-nf4")],
+    # At 8 GiB the 8-bit transformers (modulations apart) stream in less time than a step computes: as
+    # fast as NF4 and closer to bf16.
+    [(4, 64, "all-nf4-stream"), (8, 64, "int8-w8a8-stream"), (12, 64, "int8-stream"), (24, 64, "bf16-stream"),
+     (8, 16, "int8-stream"), (4, 16, "nf4-stream-lowram"), (6, 8, "nf4-mmap"), (12, 8, "resident-nf4")],
 )  # fmt: skip
 def test_expected_profiles(profiles, vram: int, ram: int, expected: str) -> None:
     assert plan(machine(vram, ram), profiles, 1024, 1024).profile.name == expected
@@ -234,8 +249,8 @@ def test_low_ram_hosts_get_low_ram_profiles(profiles) -> None:
     for ram in (8, 16):
         for vram in (4, 6, 8):
             chosen = plan(machine(vram, ram), profiles, 1024, 1024)
-            assert chosen.profile.name in ("nf4-mmap", "nf4-stream-lowram"), (vram, ram)
-            assert chosen.host.pinned <= 4 * GIB + STAGING_BUFFERS * STAGING_CHUNK_BYTES
+            assert chosen.profile.ram_gib <= ram, (vram, ram)
+            assert chosen.host.pinned <= ram * GIB / 2 and chosen.host.pinned + chosen.host.pageable < ram * GIB
             normal = next(c for c in chosen.candidates if c.name == "nf4-stream")
             assert not normal.fits and "meant for hosts with 32 GiB of RAM" in normal.problems
 
@@ -289,12 +304,15 @@ def test_streaming_terms_on_a_tiny_model(profiles, tiny_root: Path) -> None:
     base = profiles["nf4-stream"]
     one = replace(base, transformer=replace(base.transformer, resident_blocks=1))
     stage = plan(machine(2, 64), {"one": one}, 256, 256, sizes).stage("transformer")
-    double, single, _ = flux_parts(sizes.flux)
+    double, single, *_ = flux_parts(sizes.flux)
     assert stage.resident_blocks == 1 and stage.slots == 2 and stage.slot_bytes == double.nbytes("nf4")
     assert stage.streamed_bytes == double.nbytes("nf4") + 3 * single.nbytes("nf4")
     assert stage.terms["resident blocks"] == double.nbytes("nf4")
     assert stage.terms["streaming slots"] == 2 * double.nbytes("nf4")
-    assert stage.host.pinned == stage.streamed_bytes and stage.host.pageable == 0
+    parts = flux_parts(sizes.flux)
+    modulations = 2 * parts.double_modulations.nbytes("nf4") + 3 * parts.single_modulation.nbytes("nf4")
+    assert stage.lent_bytes == modulations and "modulations" not in stage.terms  # on the host, lent once per edit
+    assert stage.host.pinned == stage.streamed_bytes + stage.lent_bytes and stage.host.pageable == 0
 
     fp8 = ModelSizes.from_files(tiny_root / "flux1-kontext-dev-fp8.safetensors")
     as_file = plan(machine(2, 64), profiles, 256, 256, fp8, profile_name="as-file")
@@ -303,11 +321,13 @@ def test_streaming_terms_on_a_tiny_model(profiles, tiny_root: Path) -> None:
 
 def test_host_tiers_and_their_copy_times(profiles) -> None:
     staging = STAGING_BUFFERS * STAGING_CHUNK_BYTES
-    partial = plan(machine(4, 16), profiles, 1024, 1024, profile_name="nf4-stream-lowram")
+    lowram = profiles["nf4-stream-lowram"]
+    capped = replace(lowram, name="capped", memory=replace(lowram.memory, pinned_cap_gib=2))
+    partial = plan(machine(4, 16), {"capped": capped}, 1024, 1024)
     stage = partial.stage("transformer")
     cap = partial.profile.pinned_cap_bytes
     assert stage.host.pageable > 0 and stage.host.pinned - staging <= cap
-    assert stage.host.pinned - staging + stage.host.pageable == stage.streamed_bytes
+    assert stage.host.pinned - staging + stage.host.pageable == stage.streamed_bytes + stage.lent_bytes
     # The same profile with a cap that pins every streamed byte copies faster.
     uncapped = replace(partial.profile, name="uncapped", memory=replace(partial.profile.memory, pinned_cap_gib=64))
     roomy = plan(machine(4, 64), {"uncapped": uncapped}, 1024, 1024).stage("transformer")
@@ -319,7 +339,8 @@ def test_host_tiers_and_their_copy_times(profiles) -> None:
         plan(machine(4, ram), profiles, 1024, 1024, profile_name="nf4-mmap").stage("transformer") for ram in (64, 8)
     )
     for mapped in (cached, from_disk):
-        assert mapped.host.mapped == mapped.streamed_bytes == mapped.host.disk and mapped.host.pinned == staging
+        assert mapped.host.mapped == mapped.streamed_bytes + mapped.lent_bytes == mapped.host.disk
+        assert mapped.host.pinned == staging
     assert cached.transfer_seconds < from_disk.transfer_seconds
 
 
@@ -338,9 +359,11 @@ def test_more_resident_blocks_stream_less_and_hold_more(profiles) -> None:
 
 def test_successive_edits_keep_the_whole_model_in_host_memory(profiles) -> None:
     sizes = ModelSizes()
-    double, single, flux_rest = flux_parts(sizes.flux)
+    double, single, flux_rest, double_mods, single_mod = flux_parts(sizes.flux)
     first, other, t5_rest = t5_parts(sizes.t5)
     transformer = double.nbytes("nf4") * sizes.flux.depth + single.nbytes("nf4") * sizes.flux.depth_single_blocks
+    transformer += double_mods.nbytes("nf4") * sizes.flux.depth
+    transformer += single_mod.nbytes("nf4") * sizes.flux.depth_single_blocks
     transformer += flux_rest.nbytes("bf16")
     t5 = first.nbytes("int8") + other.nbytes("int8") * (sizes.t5.num_layers - 1) + t5_rest.nbytes("bf16")
     rest = clip_part(sizes.clip).nbytes("bf16") + vae_part(sizes.vae).nbytes("bf16")
@@ -350,7 +373,13 @@ def test_successive_edits_keep_the_whole_model_in_host_memory(profiles) -> None:
     assert kept.host.pinned == min(transformer + t5, kept.profile.pinned_cap_bytes)  # nf4-stream pins up to 12 GiB
     assert kept.host.pinned + kept.host.pageable == transformer + t5 + rest
     single_edit = plan(machine(8, 32), profiles, 1024, 1024, profile_name="nf4-stream")
-    assert single_edit.host.pinned < kept.host.pinned and single_edit.stages == kept.stages
+    assert single_edit.host.pinned < kept.host.pinned
+    others = [[s for s in p.stages if s.name != "transformer"] for p in (single_edit, kept)]
+    assert others[0] == others[1]
+    # One edit's plan streams one block so that the modulations fit beside the others; kept weights
+    # lend them from host memory instead, and every block stays.
+    one, every = single_edit.stage("transformer"), kept.stage("transformer")
+    assert (one.resident_blocks, every.resident_blocks) == (56, 57) and one.lent_bytes == every.lent_bytes > 0
 
     # A 24 GiB card on a 16 GiB host: one edit may stream bf16, successive edits must hold less.
     assert plan(machine(24, 16), profiles, 1024, 1024).profile.name == "bf16-stream"

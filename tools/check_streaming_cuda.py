@@ -100,10 +100,15 @@ def inputs(config: FluxConfig, text: int, side: int, device: torch.device) -> di
     }
 
 
-def step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> list[float]:
-    """Wall time of ``repeats`` forwards after one warm-up (CUDA events on a GPU)."""
+def step_seconds(
+    model: FluxTransformer, batch: dict[str, torch.Tensor], repeats: int, engine: StreamingEngine | None = None
+) -> list[float]:
+    """Wall time of ``repeats`` forwards after one warm-up (CUDA events on a GPU); the modulations are
+    computed once beforehand, as sampling does (with the modules ``engine`` lends)."""
     times = []
     with torch.no_grad():
+        vec = model.vector(batch["timesteps"], batch["y"], batch["guidance"])
+        batch = {**batch, "modulations": model.modulations(vec, engine.lent if engine is not None else None)}
         model(**batch)
         for _ in range(repeats):
             if batch["img"].is_cuda:
@@ -126,7 +131,7 @@ def measure(model: FluxTransformer, engine: StreamingEngine, batch: dict[str, to
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     copies_before = len(engine.copy_times())
-    times = step_seconds(model, batch, repeats)
+    times = step_seconds(model, batch, repeats, engine)
     copies = engine.copy_times()[copies_before:]
     copied, copy_seconds = sum(c.nbytes for c in copies), sum(c.seconds for c in copies)
     return {

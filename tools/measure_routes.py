@@ -30,7 +30,7 @@ import torch
 from lowvram_kontext.compute import accuracy, compiled, routes
 from lowvram_kontext.hardware import GIB, Machine, cap_allocator, detect, process_vram_bytes
 from lowvram_kontext.models.flux import FluxConfig
-from lowvram_kontext.offload import StreamSettings, stream_model
+from lowvram_kontext.offload import StreamingEngine, StreamSettings, stream_model
 from lowvram_kontext.offload.streaming import model_blocks
 from lowvram_kontext.paths import cache_dir
 from lowvram_kontext.planner import Profile, load_profiles, plan
@@ -72,14 +72,20 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(model: torch.nn.Module, inputs: accuracy.Inputs, steps: int) -> tuple[float, list[float]]:
-    """(first step's seconds, the following steps' seconds)."""
+def timed_steps(
+    model: torch.nn.Module, inputs: accuracy.Inputs, steps: int, engine: StreamingEngine | None = None
+) -> tuple[float, list[float]]:
+    """(first step's seconds, the following steps' seconds); the modulations are computed beforehand,
+    once, as sampling does (with the modules ``engine`` lends)."""
     times = []
     with torch.inference_mode():
+        step = inputs.step
+        vec = model.vector(step["timesteps"], step["y"], step["guidance"])
+        modulations = model.modulations(vec, engine.lent if engine is not None else None)
         for _ in range(steps + 1):
             synchronize()
             start = time.perf_counter()
-            model(**inputs.step)
+            model(**step, modulations=modulations)
             synchronize()
             times.append(time.perf_counter() - start)
     return times[0], times[1:]
@@ -189,7 +195,7 @@ def stream_run(
     inputs = accuracy.make_inputs(config, side, 512, torch.bfloat16,
                                   torch.Generator(device="cuda").manual_seed(1), outliers=False)  # fmt: skip
     before = engine.bytes_streamed
-    first, times = timed_steps(model, inputs, steps)
+    first, times = timed_steps(model, inputs, steps, engine)
     row = {
         "run": f"{profile} {fmt} prefetch {prefetch}, compiled", "format": fmt, "route": route or "weight-only",
         "budget_gib": budget, "resident_blocks": stage.resident_blocks, "prefetch": stage.prefetch,

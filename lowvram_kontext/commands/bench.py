@@ -38,6 +38,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--synthetic", action="store_true", help="run on random weights of the real shapes, written once to --cache-dir"
     )
     parser.add_argument("--profiles", help="profiles to run, separated by commas (default: all)")
+    parser.add_argument(
+        "--beside",
+        default="",
+        metavar="PROFILES",
+        help="profiles to run first as references, on the whole card where they do not fit the budget, "
+        "separated by commas, e.g. resident-bf16 (default: none)",
+    )
     add_vram_budget(parser)
     add_size_options(parser, DEFAULT_SIZE)
     add_steps(parser, DEFAULT_STEPS, "timed transformer steps")
@@ -117,6 +124,7 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
         dtypes=dtypes,
         compute=args.compute,
         compile=args.compile,
+        beside=tuple(dict.fromkeys(n.strip() for n in args.beside.split(",") if n.strip())),
     )
 
 

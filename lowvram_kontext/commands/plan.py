@@ -163,7 +163,7 @@ def explain(result: Plan) -> str:
         f"transfer {result.transfer_seconds:.3f} at {link}) + dequantize {result.dequant_seconds:.3f} "
         f"({ROUTES[result.machine.dequant_route]}); {result.dtype}",
         f"predicted {result.seconds_per_edit():.1f} s per edit of {DEFAULT_EDIT_STEPS} steps "
-        f"(text encoders and VAE {result.other_stage_seconds:.2f} s; loading not counted)",
+        f"(text encoders, VAE and the blocks' modulations {result.other_stage_seconds:.2f} s; loading not counted)",
         f"transformer compute: {result.route.name}, {result.route.reason}; blocks "
         + ("compiled" if result.compiled else "eager")
         + f"; routes this card can take (--compute): {', '.join(result.routes_available)}",
@@ -171,6 +171,14 @@ def explain(result: Plan) -> str:
         f"mapped {gib(result.host.mapped)}"
         + (f", disk {gib(result.host.disk)}" if result.host.disk else "")
         + (" (the whole model kept for successive edits)" if result.keeps_weights else ""),
+    ]
+    lent = result.stage("transformer").lent_bytes
+    if lent:
+        lines.append(
+            f"modulations: {gib(lent)} of the blocks' weights stay in host memory; every step's are computed "
+            "in one pass before sampling"
+        )
+    lines += [
         "peak by what holds it:",
     ]
     for s in result.stages:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import sampling
-from ..models.flux import FluxConfig, FluxTransformer, rope
+from ..models.flux import FluxConfig, FluxTransformer, block_modulation, rope
 from ..weights.compressed_linear import CompressedLinear, replace_linears
 from ..weights.formats import quantize
 from . import routes
@@ -162,12 +162,16 @@ def _runs(model: FluxTransformer, inputs: Inputs) -> dict[str, Callable[[], torc
     double, single = model.double_blocks[0], model.single_blocks[0]
 
     def double_run() -> torch.Tensor:
-        img, txt = double(inputs.img, inputs.txt, inputs.vec, inputs.pe)
+        img, txt = double(inputs.img, inputs.txt, block_modulation(double, inputs.vec), inputs.pe)
         return torch.cat([txt, img], 1).float()
+
+    def single_run() -> torch.Tensor:
+        x = torch.cat([inputs.txt, inputs.img], 1)
+        return single(x, block_modulation(single, inputs.vec), inputs.pe).float()
 
     return {
         "double block": double_run,
-        "single block": lambda: single(torch.cat([inputs.txt, inputs.img], 1), inputs.vec, inputs.pe).float(),
+        "single block": single_run,
         "step": lambda: model(**inputs.step).float(),
     }
 

@@ -4,7 +4,10 @@ The module holds no weights of its own making that matter: it is built (usually 
 from a ``FluxConfig`` and filled from a checkpoint. Every linear layer is a plain ``nn.Linear`` that is
 only ever called, never looked into, so it can be replaced by a compressed linear. ``forward`` runs the
 blocks of ``double_blocks`` and ``single_blocks`` by calling each block module in order, which lets a
-streaming engine attach forward hooks at block boundaries.
+streaming engine attach forward hooks at block boundaries. A block's modulation (shifts, scales and
+gates from the step's conditioning vector: a quarter of the block weights, one token of work) is not
+run inside the block: ``modulations`` computes it for every step of an edit at once, before sampling,
+and each step hands the blocks their rows, so streamed blocks need not carry those weights.
 
 Half precision: fp16's largest value is 65504, and FLUX.1's residual streams (image, text, and the
 joint stream of the single blocks) grow past it in the later blocks, as can the outputs of the MLPs
@@ -17,7 +20,8 @@ runs in float16. bf16 and float32 passes are untouched (bf16 has float32's range
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -158,15 +162,31 @@ class MLPEmbedder(nn.Module):
 
 
 class Modulation(nn.Module):
-    """``lin(SiLU(vec))`` cut into ``count`` chunks of ``[B, 1, hidden]``."""
+    """``lin(SiLU(vec))``: ``count`` shifts, scales and gates of a block, ``[B, count * hidden]``.
+
+    A block's modulation depends on the step's conditioning vector only, not on the tokens, so it is
+    computed apart from the block (see ``FluxTransformer.modulations``) and the block takes its result.
+    """
 
     def __init__(self, hidden: int, count: int) -> None:
         super().__init__()
         self.count = count
         self.lin = nn.Linear(hidden, count * hidden)
 
-    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
-        return self.lin(F.silu(vec))[:, None, :].chunk(self.count, dim=-1)
+    def forward(self, vec: Tensor) -> Tensor:
+        return self.lin(F.silu(vec))
+
+
+MODULATIONS = ("img_mod", "txt_mod", "modulation")  # the blocks' Modulation attributes
+
+
+def _modulations_of(block: nn.Module) -> list[Modulation]:
+    return [m for m in block.children() if isinstance(m, Modulation)]
+
+
+def block_modulation(block: nn.Module, vec: Tensor) -> Tensor:
+    """The ``mod`` argument of a double or single ``block`` for ``vec [B, hidden]``: ``[B, 1, n * hidden]``."""
+    return torch.cat([m(vec) for m in _modulations_of(block)], dim=-1)[:, None, :]
 
 
 class SelfAttention(nn.Module):
@@ -206,9 +226,10 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(config)
         self.txt_mlp = _mlp(config)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        img_mod = self.img_mod(vec)
-        txt_mod = self.txt_mod(vec)
+    def forward(self, img: Tensor, txt: Tensor, mod: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        """``mod [B, 1, 12 * hidden]``: the outputs of ``img_mod`` and ``txt_mod``, in that order."""
+        chunks = mod.chunk(12, dim=-1)
+        img_mod, txt_mod = chunks[:6], chunks[6:]
         img_qkv = self.img_attn.project(_modulate(img, img_mod[0], img_mod[1]))
         txt_qkv = self.txt_attn.project(_modulate(txt, txt_mod[0], txt_mod[1]))
         q, k, v = (torch.cat([t, i], dim=2) for t, i in zip(txt_qkv, img_qkv, strict=True))
@@ -219,9 +240,7 @@ class DoubleStreamBlock(nn.Module):
         return img, txt
 
 
-def _stream_update(
-    x: Tensor, attn_out: Tensor, mod: Sequence[Tensor], attn: SelfAttention, mlp: nn.Module
-) -> Tensor:
+def _stream_update(x: Tensor, attn_out: Tensor, mod: Sequence[Tensor], attn: SelfAttention, mlp: nn.Module) -> Tensor:
     """The residual updates of one stream after the joint attention."""
     _, _, gate1, shift2, scale2, gate2 = mod
     x = _add_update(x, gate1, attn.proj(attn_out))
@@ -240,8 +259,9 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(config.head_dim)
         self.modulation = Modulation(config.hidden_size, 3)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        shift, scale, gate = self.modulation(vec)
+    def forward(self, x: Tensor, mod: Tensor, pe: Tensor) -> Tensor:
+        """``mod [B, 1, 3 * hidden]``: the output of ``modulation``."""
+        shift, scale, gate = mod.chunk(3, dim=-1)
         qkv, mlp = self.linear1(_modulate(x, shift, scale)).split(self.split, dim=-1)
         q, k, v = _split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
@@ -255,9 +275,7 @@ class LastLayer(nn.Module):
     def __init__(self, config: FluxConfig) -> None:
         super().__init__()
         self.linear = nn.Linear(config.hidden_size, config.in_channels)
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), nn.Linear(config.hidden_size, 2 * config.hidden_size)
-        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 2 * config.hidden_size))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
@@ -283,14 +301,40 @@ class FluxTransformer(nn.Module):
             self.guidance_in = MLPEmbedder(_TIME_EMBED_DIM, hidden)
         self.txt_in = nn.Linear(config.context_in_dim, hidden)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(config) for _ in range(config.depth))
-        self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(config) for _ in range(config.depth_single_blocks)
-        )
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(config) for _ in range(config.depth_single_blocks))
         self.final_layer = LastLayer(config)
 
     def streamable_blocks(self) -> list[nn.Module]:
         """The blocks in run order (double-stream, then single-stream): what block streaming holds off the device."""
         return [*self.double_blocks, *self.single_blocks]
+
+    def prepass_modules(self) -> list[Modulation]:
+        """The blocks' modulations in run order: run once per edit for every step (``modulations``), not
+        in the blocks' forward, so a streaming engine keeps them off the device and lends them for that."""
+        return [m for block in self.streamable_blocks() for m in _modulations_of(block)]
+
+    def vector(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """The conditioning vector ``[B, hidden]`` of ``timesteps [B]``, pooled text ``y [B, vec_in_dim]`` and
+        ``guidance [B]``, in ``y``'s dtype."""
+        dtype = y.dtype
+        vec = self.time_in(timestep_embedding(timesteps).to(dtype))
+        if self.config.guidance_embed:
+            if guidance is None:
+                raise KontextError("flux transformer: this model is guidance-distilled and needs a guidance value")
+            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
+        return vec + self.vector_in(y)
+
+    def modulations(self, vec: Tensor, lend: Callable[[nn.Module], AbstractContextManager] | None = None) -> Tensor:
+        """Every block's modulation of ``vec [B, hidden]``: ``[B, total]``, blocks in run order.
+
+        Each modulation runs inside ``lend(module)``, which may bring its weights onto the device for it
+        (the streaming engine's ``lent``). Sampling computes this once for all its steps (B = steps).
+        """
+        parts = []
+        for module in self.prepass_modules():
+            with nullcontext() if lend is None else lend(module):
+                parts.append(module(vec))
+        return torch.cat(parts, dim=-1)
 
     def forward(
         self,
@@ -301,29 +345,30 @@ class FluxTransformer(nn.Module):
         timesteps: Tensor,
         y: Tensor,
         guidance: Tensor | None = None,
+        modulations: Tensor | None = None,
     ) -> Tensor:
         """Velocity ``[B, L, in_channels]`` for image tokens ``img [B, L, in_channels]``.
 
         ``img_ids [B, L, 3]``, ``txt [B, T, context_in_dim]``, ``txt_ids [B, T, 3]``, ``timesteps [B]``
         in [0, 1], ``y [B, vec_in_dim]`` pooled text, ``guidance [B]``. Computes in ``img.dtype``.
+        ``modulations [B, total]``: this step's ``modulations``, computed beforehand (required when the
+        modulation weights are not on the device); computed here when None.
         """
         dtype = img.dtype
         residual = torch.float32 if dtype == torch.float16 and self.float16_residual_in_float32 else dtype
         img = self.img_in(img).to(residual)
-        vec = self.time_in(timestep_embedding(timesteps).to(dtype))
-        if self.config.guidance_embed:
-            if guidance is None:
-                raise KontextError(
-                    "flux transformer: this model is guidance-distilled and needs a guidance value"
-                )
-            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
-        vec = vec + self.vector_in(y.to(dtype))
+        vec = self.vector(timesteps, y.to(dtype), guidance)
+        if modulations is None:
+            modulations = self.modulations(vec)
+        hidden = self.config.hidden_size
+        sizes = [12 * hidden] * len(self.double_blocks) + [3 * hidden] * len(self.single_blocks)
+        mods = modulations.to(dtype)[:, None, :].split(sizes, dim=-1)
         txt = self.txt_in(txt.to(dtype)).to(residual)
         pe = rope(torch.cat([txt_ids, img_ids], dim=1), self.config.axes_dim, self.config.theta)
 
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
+        for block, mod in zip(self.double_blocks, mods, strict=False):
+            img, txt = block(img, txt, mod, pe)
         x = torch.cat([txt, img], dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec, pe)
+        for block, mod in zip(self.single_blocks, mods[len(self.double_blocks) :], strict=True):
+            x = block(x, mod, pe)
         return self.final_layer(x[:, txt.shape[1] :], vec)

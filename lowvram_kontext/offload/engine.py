@@ -26,6 +26,11 @@ attaching uploads each with one copy. Weights never change, so detaching only po
 back at their host copies and drops the device buffers: nothing is copied back, nothing re-packed,
 and pinned buffers stay pinned until ``close``.
 
+Modules inside the blocks that the model runs apart from them (``lent``: FLUX's modulations, run once
+per edit for all its steps) are not part of their block's copies: each is packed into a host buffer of
+its own (in the streamed blocks' tier, after them for the pinned cap) and comes to the device only
+inside ``lent(module)``, one copy in and nothing back.
+
 If blocks run in an unexpected order (a forward that raised half way, say) the engine waits for its
 loads, drops them and restarts the schedule at the block being run: slower, still exact.
 """
@@ -34,8 +39,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -137,9 +143,10 @@ class StreamingEngine:
 
     ``prefetch`` is capped at the number of streamed blocks minus one. ``outside`` are the model's
     modules outside the blocks: their own tensors are on the device while attached, like the
-    resident blocks. For inference: parameters are frozen, and the blocks must not be moved
-    (``.to``) while attached. After ``detach`` streamed blocks hold their host copies; resident
-    blocks and ``outside`` stay on the device, or with ``keep_host`` hold their host copies too.
+    resident blocks. ``lent`` are modules inside the blocks that stay in host memory (see the module).
+    For inference: parameters are frozen, and the blocks must not be moved (``.to``) while attached.
+    After ``detach`` streamed blocks hold their host copies; resident blocks and ``outside`` stay on
+    the device, or with ``keep_host`` hold their host copies too.
     """
 
     def __init__(
@@ -148,6 +155,7 @@ class StreamingEngine:
         device: torch.device | str,
         settings: StreamSettings,
         outside: Sequence[nn.Module] = (),
+        lent: Sequence[nn.Module] = (),
     ) -> None:
         resident, prefetch, host = settings.resident, settings.prefetch, settings.host
         if not 0 <= resident <= len(blocks):
@@ -159,6 +167,7 @@ class StreamingEngine:
         self.settings = settings
         self.blocks = list(blocks)
         self.outside = list(outside)
+        self.lent_modules = list(lent)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -173,6 +182,7 @@ class StreamingEngine:
         self._cuda = self.device.type == "cuda"
         self._streamed: list[_Streamed] = []
         self._resident: list[_Packed] = []  # with keep_host: outside, then the resident blocks
+        self._lent: dict[int, _Packed] = {}  # by id of the lent module
         self._memory: HostMemory | None = None  # the packed host buffers' memory, from the first attach to close
         self._attachment: _Attachment | None = None
         self._timings: list[tuple[int, int, object]] = []
@@ -189,7 +199,8 @@ class StreamingEngine:
         """Host bytes of packed tensors that are pinned (staging buffers not included)."""
         if self._memory is None:
             return 0
-        return sum(p.layout.nbytes for p in [*self._streamed, *self._resident] if p.tier == "pinned")
+        packed = [*self._streamed, *self._lent.values(), *self._resident]
+        return sum(p.layout.nbytes for p in packed if p.tier == "pinned")
 
     @property
     def staging_bytes(self) -> int:
@@ -236,7 +247,8 @@ class StreamingEngine:
             self.resident_bytes = sum(block_bytes)
         else:
             self.outside_bytes = self._move(self._outside_tensors())
-            self.resident_bytes = sum(self._move(block_tensors(block)) for block in self.blocks[: self.resident])
+            resident = self.blocks[: self.resident]
+            self.resident_bytes = sum(self._move(block_tensors(block, self.lent_modules)) for block in resident)
         if not self._streamed:
             return self
         a.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
@@ -250,17 +262,19 @@ class StreamingEngine:
         return self
 
     def _pack(self) -> None:
-        """Pack streamed blocks, and with ``keep_host`` the resident tensors, each into one host buffer.
+        """Pack streamed blocks, lent modules, and with ``keep_host`` the resident tensors, each into one
+        host buffer.
 
-        Streamed blocks are copied every step, so they are pinned first; resident copies take what
-        is left of the pinned cap: they are copied once per attach.
+        Streamed blocks are copied every step, so they are pinned first; lent modules (once per edit)
+        and then resident copies (once per attach) take what is left of the pinned cap.
         """
         host, cap = self.settings.host, self.settings.pinned_cap_bytes
         # Each group's tensors are gathered only to pack it, so its old tensors are freed right after.
-        streamed = [partial(block_tensors, block) for block in self.blocks[self.resident :]]
-        resident = [partial(block_tensors, block) for block in self.blocks[: self.resident]]
+        streamed = [partial(block_tensors, block, self.lent_modules) for block in self.blocks[self.resident :]]
+        lent = [partial(block_tensors, module) for module in self.lent_modules]
+        resident = [partial(block_tensors, block, self.lent_modules) for block in self.blocks[: self.resident]]
         resident = [self._outside_tensors, *resident] if self.settings.keep_host else []
-        sizes = [BlockLayout(group()).nbytes for group in streamed]
+        sizes = [BlockLayout(group()).nbytes for group in [*streamed, *lent]]
         tiers = plan_tiers(sizes, host, cap, can_pin=self._cuda)
         pinned = sum(size for size, tier in zip(sizes, tiers, strict=True) if tier == "pinned")
         room = None if cap is None else cap - pinned
@@ -268,11 +282,32 @@ class StreamingEngine:
         self._memory = HostMemory(self.settings.cache_dir)
         self._streamed = [
             _Streamed(*self._packed(group, tier), index=self.resident + offset)
-            for offset, (group, tier) in enumerate(zip(streamed, tiers, strict=True))
+            for offset, (group, tier) in enumerate(zip(streamed, tiers, strict=False))
         ]
+        lent_tiers = tiers[len(streamed) :]
+        self._lent = {
+            id(module): _Packed(*self._packed(group, tier))
+            for module, group, tier in zip(self.lent_modules, lent, lent_tiers, strict=True)
+        }
         kept = zip(resident, resident_tiers, strict=True)
         self._resident = [_Packed(*self._packed(group, tier)) for group, tier in kept]
-        self.slot_bytes = max(sizes, default=0)
+        self.slot_bytes = max(sizes[: len(streamed)], default=0)
+
+    @contextmanager
+    def lent(self, module: nn.Module) -> Iterator[None]:
+        """Within this context the lent ``module``'s tensors are on the device (one copy of its packed
+        host buffer); they view their host copy again afterwards. Other modules, and any module while
+        detached or on a CPU device (where the host copy is used as it is), are left as they are."""
+        packed = self._lent.get(id(module))
+        if packed is None or self._attachment is None or not self._cuda:
+            yield
+            return
+        buffer = self._upload(packed)
+        try:
+            yield
+        finally:
+            packed.layout.point(packed.host_views)
+            del buffer
 
     def _outside_tensors(self) -> list[HeldTensor]:
         return [held for module in self.outside for held in module_tensors(module)]

@@ -1,7 +1,8 @@
 """Hang a streaming engine on a whole model: its blocks stream, everything else moves to the device.
 
 The engine knows nothing about particular models: a model says which of its modules are blocks by
-providing ``streamable_blocks()``, the list of its repeated blocks in the order its forward runs them.
+providing ``streamable_blocks()``, the list of its repeated blocks in the order its forward runs them,
+and, optionally, ``prepass_modules()``: modules inside the blocks it runs apart from them, once per edit.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ def model_blocks(model: nn.Module) -> list[nn.Module]:
 
 def stream_model(model: nn.Module, device: torch.device | str, settings: StreamSettings) -> StreamingEngine:
     """Attach an engine with ``settings`` to ``model``'s blocks; its tensors outside the blocks go to
-    ``device`` whole. Returns the attached engine."""
+    ``device`` whole, and the modules its ``prepass_modules()`` names (if it has that method) stay in
+    host memory, lent to the device by the engine's ``lent``. Returns the attached engine."""
     check_materialized(model, type(model).__name__)
     blocks = model_blocks(model)
     inside = {id(module) for block in blocks for module in block.modules()}
     outside = [module for module in model.modules() if id(module) not in inside]
-    return StreamingEngine(blocks, device, settings, outside=outside).attach()
+    lent = model.prepass_modules() if hasattr(model, "prepass_modules") else []
+    return StreamingEngine(blocks, device, settings, outside=outside, lent=lent).attach()

@@ -8,7 +8,7 @@ modules hold them, so moving a block between buffers never allocates tensor memo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from itertools import chain
 from typing import NamedTuple
 
@@ -36,9 +36,11 @@ def module_tensors(module: nn.Module) -> list[HeldTensor]:
     return held + [HeldTensor(module, "buffer", n, t) for n, t in module._buffers.items() if t is not None]
 
 
-def block_tensors(block: nn.Module) -> list[HeldTensor]:
-    """Every tensor of ``block`` and the modules below it, in module order."""
-    return [held for module in block.modules() for held in module_tensors(module)]
+def block_tensors(block: nn.Module, leave: Collection[nn.Module] = ()) -> list[HeldTensor]:
+    """Every tensor of ``block`` and the modules below it, in module order, except those of the modules
+    in ``leave`` and below them."""
+    left = {id(m) for module in leave for m in module.modules()}
+    return [held for module in block.modules() if id(module) not in left for held in module_tensors(module)]
 
 
 def _put(owner: nn.Module, kind: str, name: str, value: Tensor) -> None:

@@ -9,7 +9,6 @@ says what decides the card's compute routes (``compute.routes``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -165,9 +164,8 @@ def clip_activation_bytes(config: CLIPTextConfig) -> int:
 
 
 def transformer_flops(config: FluxConfig, tokens: int) -> float:
-    """FLOPs of one transformer pass: block matmuls (2 x values x tokens) and attention (4 L^2 h)."""
-    double, single, _ = flux_parts(config)
-    values = config.depth * sum(map(math.prod, double.matrices))
-    values += config.depth_single_blocks * sum(map(math.prod, single.matrices))
+    """FLOPs of one transformer pass as the compute model was fitted: block matmuls (2 x values x
+    tokens, the modulations counted as if they saw every token) and attention (4 L^2 h)."""
+    values = flux_parts(config).matrix_values(config)
     blocks = config.depth + config.depth_single_blocks
     return 2.0 * values * tokens + 4.0 * tokens * tokens * config.hidden_size * blocks

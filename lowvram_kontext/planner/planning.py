@@ -135,29 +135,40 @@ def _held(block_bytes: Sequence[int], resident: int, prefetch: int) -> int:
     return sum(block_bytes[:resident]) + ((prefetch + 1) * max(streamed) if streamed else 0)
 
 
-def _residency(setting: int | str, block_bytes: Sequence[int], prefetch: int, room: int) -> int:
+def _residency(setting: int | str, block_bytes: Sequence[int], prefetch: int, room: int, whole_extra: int) -> int:
+    """Resident blocks for ``setting``: with "auto" the most that fit ``room``, all of them only if
+    ``whole_extra`` (what a component held whole brings besides its blocks) fits too."""
     n = len(block_bytes)
     if setting == "all":
         return n
     if isinstance(setting, int):
         return min(setting, n)
-    return next((r for r in range(n, -1, -1) if _held(block_bytes, r, prefetch) <= room), 0)
+    held = lambda r: _held(block_bytes, r, prefetch) + (whole_extra if r == n else 0)  # noqa: E731
+    return next((r for r in range(n, -1, -1) if held(r) <= room), 0)
 
 
-def _host_and_transfer(ctx: _Context, settings: Streaming, streamed: Sequence[int]) -> tuple[HostUse, float]:
-    """Where the streamed blocks live on the host (as the engine places them) and one pass's copy time."""
-    if not streamed:
+def _host_and_transfer(
+    ctx: _Context, settings: Streaming, streamed: Sequence[int], lent: Sequence[int]
+) -> tuple[HostUse, float]:
+    """Where the streamed blocks and the ``lent`` modules live on the host (as the engine places them)
+    and one pass's copy time (the blocks'; the lent modules are copied once per edit)."""
+    if not streamed and not lent:
         return HostUse(), 0.0
-    tiers = plan_tiers(streamed, settings.host, ctx.profile.pinned_cap_bytes, can_pin=True)
-    held = {tier: sum(b for b, t in zip(streamed, tiers, strict=True) if t == tier) for tier in HOST_TIERS}
+    tiers = plan_tiers([*streamed, *lent], settings.host, ctx.profile.pinned_cap_bytes, can_pin=True)
+
+    def by_tier(sizes: Sequence[int]) -> dict[str, int]:
+        return {tier: sum(b for b, t in zip(sizes, tiers, strict=False) if t == tier) for tier in HOST_TIERS}
+
+    held, everything = by_tier(streamed), by_tier([*streamed, *lent])
     staging = STAGING_BUFFERS * STAGING_CHUNK_BYTES if held["pageable"] or held["mmap"] else 0
     link = ctx.link_gbps * 1e9
     staged = min(ctx.link_gbps, ctx.cal.host_copy_gbps) * 1e9  # through the pinned staging ring
     # Mapped pages stay in the page cache only if they all fit: a bigger sweep evicts itself.
-    cache_room = ctx.machine.ram_available - ctx.cal.host_reserve_bytes - held["pinned"] - held["pageable"] - staging
-    mapped = staged if held["mmap"] <= cache_room else min(ctx.link_gbps, ctx.cal.disk_read_gbps) * 1e9
+    cache_room = ctx.machine.ram_available - ctx.cal.host_reserve_bytes - everything["pinned"] - everything["pageable"]
+    cached = everything["mmap"] <= cache_room - staging
+    mapped = staged if cached else min(ctx.link_gbps, ctx.cal.disk_read_gbps) * 1e9
     seconds = held["pinned"] / link + held["pageable"] / staged + held["mmap"] / mapped
-    host = HostUse(held["pinned"] + staging, held["pageable"], held["mmap"], disk=held["mmap"])
+    host = HostUse(everything["pinned"] + staging, everything["pageable"], everything["mmap"], disk=everything["mmap"])
     return host, seconds
 
 
@@ -169,25 +180,34 @@ def _streamed_stage(
     blocks: Sequence[Part],
     rest: Part,
     fixed: Mapping[str, int],
+    lent: Sequence[Part] = (),
 ) -> StagePlan:
+    """A component whose blocks may stream. ``lent`` are the parts run once per edit (the transformer's
+    modulations): on the device with the blocks when every block is resident and nothing is kept
+    between edits (no streaming engine then), else in host memory, copied in for their one pass."""
     fmt = file.format if settings.format == FILE_FORMAT else settings.format
     if settings.format == FILE_FORMAT and file.block_bytes:
         block_bytes = list(file.block_bytes)
+        lent_bytes = [file.modulation_bytes] if file.modulation_bytes else []
     else:
-        sizes = {part: part.nbytes(fmt) for part in set(blocks)}
+        sizes = {part: part.nbytes(fmt) for part in {*blocks, *lent}}
         block_bytes = [sizes[part] for part in blocks]
+        lent_bytes = [sizes[part] for part in lent]
     adapters = ctx.model.adapters.get(name, AdapterBytes())
     block_bytes = adapters.added_to(block_bytes)
-    terms = {**ctx.base_terms, **fixed, "dequant scratch": ctx.scratch([*blocks, rest], fmt)}
+    terms = {**ctx.base_terms, **fixed, "dequant scratch": ctx.scratch([*blocks, *lent, rest], fmt)}
     if adapters.rest:
         terms["LoRAs outside the blocks"] = adapters.rest
     room = ctx.budget - sum(terms.values())
-    resident = _residency(settings.resident_blocks, block_bytes, settings.prefetch, room)
+    whole = 0 if ctx.keep_weights else sum(lent_bytes)
+    resident = _residency(settings.resident_blocks, block_bytes, settings.prefetch, room, whole)
     streamed = block_bytes[resident:]
     slot = max(streamed, default=0)
     terms["resident blocks"] = sum(block_bytes[:resident])
     terms["streaming slots"] = (settings.prefetch + 1) * slot
-    host, seconds = _host_and_transfer(ctx, settings, streamed)
+    if lent_bytes and not streamed and not ctx.keep_weights:
+        terms["modulations"], lent_bytes = sum(lent_bytes), []
+    host, seconds = _host_and_transfer(ctx, settings, streamed, lent_bytes)
     return StagePlan(
         name=name,
         format=fmt,
@@ -198,6 +218,7 @@ def _streamed_stage(
         prefetch=settings.prefetch,
         slot_bytes=slot,
         streamed_bytes=sum(streamed),
+        lent_bytes=sum(lent_bytes),
         transfer_seconds=seconds,
         host=host,
         host_tier=settings.host,
@@ -256,8 +277,11 @@ def _profile_plan(ctx: _Context) -> Plan:
         },
     )  # fmt: skip
 
-    double, single, flux_rest = flux_parts(model.flux)
+    parts = flux_parts(model.flux)
+    double, single, flux_rest = parts.double, parts.single, parts.rest
     flux_blocks = [double] * model.flux.depth + [single] * model.flux.depth_single_blocks
+    modulations = [parts.double_modulations] * model.flux.depth
+    modulations += [parts.single_modulation] * model.flux.depth_single_blocks
     transformer = _streamed_stage(
         ctx, "transformer", profile.transformer, model.transformer_file, flux_blocks, flux_rest,
         {
@@ -265,6 +289,7 @@ def _profile_plan(ctx: _Context) -> Plan:
             "VAE (kept loaded)": vae_part(model.vae).nbytes("bf16"),
             "activations": ctx.overhead(transformer_activation_bytes(model.flux, image_tokens, text_tokens)),
         },
+        modulations,
     )  # fmt: skip
 
     encode, decode = _vae_stage(ctx, "vae_encode", False), _vae_stage(ctx, "vae_decode", True)
@@ -273,7 +298,8 @@ def _profile_plan(ctx: _Context) -> Plan:
     if ctx.keep_weights:
         by_tier: Counter[str] = Counter()  # the kept copies follow each component's host tier
         for stage, settings, rest in ((transformer, profile.transformer, flux_rest), (t5_stage, profile.t5, t5_rest)):
-            by_tier[settings.host] += stage.terms["resident blocks"] + stage.streamed_bytes + rest.nbytes("bf16")
+            by_tier[settings.host] += stage.terms["resident blocks"] + stage.streamed_bytes + stage.lent_bytes
+            by_tier[settings.host] += rest.nbytes("bf16")
         uses.append(_kept_host_use(ctx, by_tier, clip_stage.terms["weights"] + vae_part(model.vae).nbytes("bf16")))
     host = HostUse(
         pinned=max(u.pinned for u in uses),
@@ -323,11 +349,13 @@ def _profile_plan(ctx: _Context) -> Plan:
 
 def _other_stage_seconds(ctx: _Context, stages: Sequence[StagePlan], slowdown: float) -> float:
     """One edit's time outside the sampling steps: the reference GPU's stage times on this card, the
-    VAE's longer in tiles (x1.15 measured at 544 px), plus T5's streamed bytes over the link."""
+    VAE's longer in tiles (x1.15 measured at 544 px), plus T5's streamed bytes and the modulations'
+    one pass over the link."""
     seconds = 0.0
     for stage in stages:
         peer = ctx.cal.peer_stage_seconds.get(stage.name, 0.0) * slowdown
         seconds += peer * (1.15 if stage.tile else 1.0) + (stage.transfer_seconds if stage.name == "t5" else 0.0)
+        seconds += stage.lent_bytes / (ctx.link_gbps * 1e9)  # the modulations' one pass per edit
     return seconds
 
 

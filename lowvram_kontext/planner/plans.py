@@ -39,6 +39,7 @@ class StagePlan:
     prefetch: int = 0
     slot_bytes: int = 0  # one streaming slot
     streamed_bytes: int = 0  # copied host -> device per pass (per step for the transformer)
+    lent_bytes: int = 0  # modules run once per edit (the modulations), in host memory while blocks stream
     transfer_seconds: float = 0.0
     tile: int | None = None  # VAE tile side in pixels, None: untiled
     host: HostUse = HostUse()

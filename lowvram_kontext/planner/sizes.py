@@ -14,14 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ..models.autoencoder import AutoEncoder, AutoEncoderConfig
 from ..models.clip import CLIPTextConfig, CLIPTextModel
-from ..models.flux import DoubleStreamBlock, FluxConfig, FluxTransformer, SingleStreamBlock
+from ..models.flux import MODULATIONS, DoubleStreamBlock, FluxConfig, FluxTransformer, Modulation, SingleStreamBlock
 from ..models.t5 import T5Block, T5Config, T5Encoder
 from ..sampling import PACK
 from ..weights.files import FP8_DTYPES
@@ -70,13 +70,40 @@ def _part(build: Callable[[], nn.Module]) -> Part:
     return Part(matrices, total - sum(math.prod(m) for m in matrices))
 
 
+class FluxParts(NamedTuple):
+    """The transformer's parts. A block's modulations are apart from it: they run once per edit, and
+    streaming keeps them in host memory (``FluxTransformer.prepass_modules``)."""
+
+    double: Part  # a double block without its two modulations: what streams
+    single: Part  # a single block without its modulation
+    rest: Part  # everything outside the blocks
+    double_modulations: Part  # a double block's img_mod and txt_mod
+    single_modulation: Part
+
+    def matrix_values(self, config: FluxConfig) -> int:
+        """Values of all the block matrices, modulations included."""
+        per_double = sum(map(math.prod, self.double.matrices + self.double_modulations.matrices))
+        per_single = sum(map(math.prod, self.single.matrices + self.single_modulation.matrices))
+        return config.depth * per_double + config.depth_single_blocks * per_single
+
+
+def _without_modulations(block: nn.Module) -> nn.Module:
+    for name in MODULATIONS:
+        if hasattr(block, name):
+            delattr(block, name)
+    return block
+
+
 @cache
-def flux_parts(config: FluxConfig) -> tuple[Part, Part, Part]:
-    """(a double block, a single block, everything outside the blocks)."""
-    return (
-        _part(lambda: DoubleStreamBlock(config)),
-        _part(lambda: SingleStreamBlock(config)),
+def flux_parts(config: FluxConfig) -> FluxParts:
+    """The parts of a transformer of ``config`` (see ``FluxParts``)."""
+    hidden = config.hidden_size
+    return FluxParts(
+        _part(lambda: _without_modulations(DoubleStreamBlock(config))),
+        _part(lambda: _without_modulations(SingleStreamBlock(config))),
         _part(lambda: FluxTransformer(replace(config, depth=0, depth_single_blocks=0))),
+        _part(lambda: nn.ModuleList([Modulation(hidden, 6), Modulation(hidden, 6)])),
+        _part(lambda: Modulation(hidden, 3)),
     )
 
 
@@ -106,11 +133,13 @@ class FileWeights:
 
     Tensors the file stores compressed (GGUF blocks, quantized safetensors, fp8) stay as stored;
     plain ones become bf16. ``format`` is the storage of most matrix values; ``block_bytes`` the
-    bytes of each block in run order (empty: none read, count from the config in ``format``).
+    bytes of each block in run order, modulations apart (empty: none read, count from the config in
+    ``format``); ``modulation_bytes`` those of every block's modulations.
     """
 
     format: str = "bf16"
     block_bytes: tuple[int, ...] = ()
+    modulation_bytes: int = 0
 
 
 def read_file_weights(name: str, path: Path) -> tuple[Any, FileWeights]:
@@ -119,6 +148,7 @@ def read_file_weights(name: str, path: Path) -> tuple[Any, FileWeights]:
     config, source = open_component(component, path)
     values: dict[str, int] = {}
     blocks: dict[tuple[int, int], int] = {}
+    modulations = 0
     for key, ref in source.items():
         kept = ref.format or FP8_DTYPES.get(ref.dtype)
         numel = math.prod(ref.shape)
@@ -126,10 +156,14 @@ def read_file_weights(name: str, path: Path) -> tuple[Any, FileWeights]:
             values[kept or "bf16"] = values.get(kept or "bf16", 0) + numel
         for order, prefix in enumerate(component.block_prefixes):
             if key.startswith(prefix):
-                block = (order, int(key[len(prefix) :].split(".", 1)[0]))
-                blocks[block] = blocks.get(block, 0) + (ref.nbytes if kept else numel * COMPUTE_BYTES)
+                index, layer = key[len(prefix) :].split(".", 2)[:2]
+                nbytes = ref.nbytes if kept else numel * COMPUTE_BYTES
+                if name == "transformer" and layer in MODULATIONS:
+                    modulations += nbytes
+                    nbytes = 0
+                blocks[order, int(index)] = blocks.get((order, int(index)), 0) + nbytes
     fmt = max(values, key=values.__getitem__) if values else "bf16"
-    return config, FileWeights(fmt, tuple(blocks[block] for block in sorted(blocks)))
+    return config, FileWeights(fmt, tuple(blocks[block] for block in sorted(blocks)), modulations)
 
 
 @dataclass(frozen=True)
