@@ -42,16 +42,25 @@ FILE_FORMATS = {"transformer": "Q4_K", "t5": "Q8_0"}
 STORABLE = tuple(FILE_FORMATS)
 
 
+def _generator(seed: int) -> torch.Generator:
+    """The random source of the synthetic weights: a GPU's where there is one (drawing 12B values on
+    one CPU core takes minutes), else the CPU's. The values differ between the two, never their kinds."""
+    return torch.Generator("cuda" if torch.cuda.is_available() else "cpu").manual_seed(seed)
+
+
 def write_synthetic(component: str, path: Path, config: object | None = None, seed: int = 0) -> Path:
     """Write ``component`` ("transformer", "t5", "clip", "vae") at full size (or ``config``'s) as one file."""
     spec = COMPONENTS[component]
     with torch.device("meta"):
         model = spec.model(config if config is not None else FULL_SIZE[component]())
     entries = [(name, DEFAULT_DTYPE, tuple(t.shape)) for name, t in model.state_dict().items()]
-    generator = torch.Generator().manual_seed(seed)
+    generator = _generator(seed)
     shapes = dict((name, shape) for name, _, shape in entries)
     write_safetensors_streaming(
-        path, entries, lambda name: random_weight(name, shapes[name], generator, DEFAULT_DTYPE), {"synthetic": "random"}
+        path,
+        entries,
+        lambda name: random_weight(name, shapes[name], generator, DEFAULT_DTYPE).cpu(),
+        {"synthetic": "random"},
     )
     return Path(path)
 
@@ -78,12 +87,12 @@ def write_synthetic_stored(component: str, path: Path, fmt: str, config: object 
         for name in compressible_weights(model, spec.block_prefixes)
         if codec(fmt).shape_problem(torch.Size(shapes[name])) is None
     }
-    generator = torch.Generator().manual_seed(seed)
+    generator = _generator(seed)
 
     def make(name: str) -> QuantizedTensor | torch.Tensor:
         if name in in_format:
-            return random_tensor(fmt, shapes[name], generator)
-        return random_weight(name, shapes[name], generator, DEFAULT_DTYPE)
+            return random_tensor(fmt, shapes[name], generator).to("cpu")
+        return random_weight(name, shapes[name], generator, DEFAULT_DTYPE).cpu()
 
     if writes_gguf(fmt):
         _write_gguf_file(component, Path(path), shapes, make)

@@ -83,7 +83,7 @@ def random_weight(
     name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """A tensor scaled like a trained model's: matrices ~ 1/sqrt(fan-in), norm scales near 1, small biases."""
-    tensor = torch.empty(shape, dtype=dtype)
+    tensor = torch.empty(shape, dtype=dtype, device=generator.device)
     if len(shape) >= 2:
         return tensor.normal_(0, 1 / math.sqrt(math.prod(shape[1:])), generator=generator)
     if name.endswith("bias"):

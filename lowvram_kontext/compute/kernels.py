@@ -38,14 +38,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     """``x @ (weight * scale).T + bias`` with ``weight`` float8_e4m3fn ``[out, in]``, ``x`` quantized per token."""
     rows, token_scale = _token_scales(x, FP8_LARGEST)
     codes = (rows / token_scale).clamp(-FP8_LARGEST, FP8_LARGEST).to(FP8)
-    out = torch._scaled_mm(
-        codes,
-        weight.t(),
-        scale_a=token_scale,
-        scale_b=_row_scales(scale, weight.shape[0]),
-        out_dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32,
-    )
-    out = out.to(x.dtype)
+    row_scales = _row_scales(scale, weight.shape[0])
+    if codes.device.type == "cpu":  # the same product in float32: CPU _scaled_mm lacks row scales before torch 2.13
+        out = (codes.float() @ weight.t().float() * token_scale * row_scales).to(x.dtype)
+    else:
+        out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        out = torch._scaled_mm(codes, weight.t(), scale_a=token_scale, scale_b=row_scales, out_dtype=out_dtype)
+        out = out.to(x.dtype)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -108,7 +108,8 @@ class Codec:
         return type(self).quantize is not Codec.quantize
 
     def random(self, shape: torch.Size, generator: torch.Generator) -> QuantizedTensor:
-        """A random CPU tensor of ``shape`` (one it can hold) in this format, for tests and benchmarks.
+        """A random tensor of ``shape`` (one it can hold) in this format, on ``generator``'s device, for tests
+        and benchmarks.
 
         Its payload is sized like a trained layer's where the format has scales to size: a trained
         weight has a spread of about ``trained_spread(shape)``.
@@ -256,7 +257,8 @@ def quantize(tensor: torch.Tensor, format: str) -> QuantizedTensor:
 
 
 def random_tensor(format: str, shape: tuple[int, ...] | torch.Size, generator: torch.Generator) -> QuantizedTensor:
-    """A random CPU tensor of ``shape`` in ``format``, its payload sized like a trained layer's (``Codec.random``)."""
+    """A random tensor of ``shape`` in ``format`` on ``generator``'s device, its payload sized like a trained
+    layer's (``Codec.random``)."""
     return _holding(format, shape).random(torch.Size(shape), generator)
 
 

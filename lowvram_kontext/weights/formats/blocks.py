@@ -58,9 +58,11 @@ class BlockCodec(Codec):
     def random(self, shape: torch.Size, generator: torch.Generator) -> QuantizedTensor:
         """Random blocks with finite random float16 scales (the codes use every bit pattern)."""
         n_blocks = shape.numel() // self.block_size
-        blocks = torch.randint(0, 256, (n_blocks, self.type_size), dtype=torch.uint8, generator=generator)
+        device = generator.device
+        size = (n_blocks, self.type_size)
+        blocks = torch.randint(0, 256, size, dtype=torch.uint8, generator=generator, device=device)
         for at in self.half_fields:
-            scales = (torch.randn(n_blocks, 1, generator=generator) * 0.01).half()
+            scales = (torch.randn(n_blocks, 1, generator=generator, device=device) * 0.01).half()
             blocks[:, at : at + 2] = scales.view(torch.uint8)
         return QuantizedTensor(self.name, shape, blocks.view(self.byte_shape(shape)))
 

@@ -61,8 +61,8 @@ class Fp8Codec(Codec):
     def random(self, shape: torch.Size, generator: torch.Generator) -> QuantizedTensor:
         """Normal draws spanning the fp8 range, with the scales that map them back to a trained spread."""
         spread = torch.finfo(self.dtype).max / 4  # four standard deviations reach the largest value
-        values = torch.randn(shape, generator=generator).clamp_(-4, 4).mul_(spread)
-        scale = torch.full(self.layout(shape)["scale"][1], trained_spread(shape) / spread)
+        values = torch.randn(shape, generator=generator, device=generator.device).clamp_(-4, 4).mul_(spread)
+        scale = torch.full(self.layout(shape)["scale"][1], trained_spread(shape) / spread, device=generator.device)
         return QuantizedTensor(self.name, shape, values.to(self.dtype), scale=scale)
 
 

@@ -36,8 +36,9 @@ class Int8Codec(Codec):
 
     def random(self, shape: torch.Size, generator: torch.Generator) -> QuantizedTensor:
         """Random codes; per-row scales about a trained spread / 127."""
-        data = torch.randint(-127, 128, shape, dtype=torch.int8, generator=generator)
-        scale = trained_spread(shape) / 127 * (0.75 + 0.5 * torch.rand(shape[0], generator=generator))
+        device = generator.device
+        data = torch.randint(-127, 128, shape, dtype=torch.int8, generator=generator, device=device)
+        scale = trained_spread(shape) / 127 * (0.75 + 0.5 * torch.rand(shape[0], generator=generator, device=device))
         return QuantizedTensor(self.name, shape, data, scale=scale)
 
 

@@ -84,8 +84,10 @@ class NF4Codec(Codec):
 
     def random(self, shape: torch.Size, generator: torch.Generator) -> QuantizedTensor:
         """Random codes; each block's absmax 2 to 3 trained spreads (the largest of 64 normal draws)."""
-        data = torch.randint(0, 256, (*shape[:-1], shape[-1] // 2), dtype=torch.uint8, generator=generator)
-        absmax = trained_spread(shape) * (2 + torch.rand(shape.numel() // BLOCK, generator=generator))
+        device = generator.device
+        size = (*shape[:-1], shape[-1] // 2)
+        data = torch.randint(0, 256, size, dtype=torch.uint8, generator=generator, device=device)
+        absmax = trained_spread(shape) * (2 + torch.rand(shape.numel() // BLOCK, generator=generator, device=device))
         return QuantizedTensor(self.name, shape, data, absmax=absmax)
 
 

@@ -34,7 +34,8 @@ class PlainCodec(Codec):
 
     def random(self, shape: torch.Size, generator: torch.Generator) -> QuantizedTensor:
         """Normal draws of a trained weight's spread."""
-        data = torch.empty(shape, dtype=self.dtype).normal_(0, trained_spread(shape), generator=generator)
+        data = torch.empty(shape, dtype=self.dtype, device=generator.device)
+        data.normal_(0, trained_spread(shape), generator=generator)
         return QuantizedTensor(self.name, shape, data)
 
 
