@@ -107,7 +107,7 @@ def test_the_cache_folders_filesystem_is_found_and_the_bench_runs_the_profile_al
     assert limited.filesystem_type(Path("/"), mounts) == "ext4"
     assert limited.filesystem_type(folder, mounts + f"tmpfs {tmp_path}/cache tmpfs rw 0 0\n") == "tmpfs"  # mounted over
 
-    args = limited.argparse.Namespace(vram_budget="8GiB", steps=2, cache_dir=None)
+    args = limited.argparse.Namespace(vram_budget="8GiB", steps=2, compile="auto", cache_dir=None)
     command = limited.bench_command("nf4-mmap", args, tmp_path / "b.json")
     assert "--no-resident-reference" in command and "--cache-dir" not in command
     args.cache_dir = folder

@@ -243,7 +243,7 @@ def bench_command(profile: str, args: argparse.Namespace, out: Path) -> list[str
     return [
         sys.executable, "-m", "lowvram_kontext", "bench", "--synthetic", "--profiles", profile,
         "--no-resident-reference", "--vram-budget", args.vram_budget, "--steps", str(args.steps), "--warmup", "1",
-        "--json", str(out), *cache,
+        "--compile", args.compile, "--json", str(out), *cache,
     ]  # fmt: skip
 
 
@@ -292,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="the bench's cache folder: its synthetic weights and the mmap tier's block files; put it on a disk, "
         "not tmpfs (default: the bench's own, the cache folder's synthetic/)",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the bench's --compile; off leaves out the compiler's working set and worker processes (default auto)",
     )
     args = parser.parse_args(argv)
     profiles = dict(DEFAULT_PROFILES)
