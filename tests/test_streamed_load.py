@@ -97,13 +97,16 @@ def test_each_block_is_packed_before_the_next_is_read(tiny_root, tmp_path, monke
         paths, host, tmp_path, adapt=lambda name, model, layers: after_each_read.append(in_ordinary_memory(model))
     )
     model = loaded.acquire("transformer", "transformer")
+    engine = loaded.engine("transformer")
     blocks = len(model_blocks(model))
-    # The tensors outside the blocks first, then each block alone: the streamed ones, then the
-    # resident one (its host copy is packed after them, as the pinned cap wants).
-    assert after_each_read == [[], *([index] for index in range(1, blocks)), [0]]
+    block_of = {id(module): index for index, block in enumerate(model_blocks(model)) for module in block.modules()}
+    lent = [block_of[id(module)] for module in engine.lent_modules]  # the modulations, run before the steps
+    assert len(lent) == 2 * TINY_FLUX.depth + TINY_FLUX.depth_single_blocks
+    # The tensors outside the blocks first, then one piece at a time, in the order of the pinned cap:
+    # the streamed blocks, the modulations lent to the device, then the resident block's host copy.
+    assert after_each_read == [[], *([index] for index in range(1, blocks)), *([index] for index in lent), [0]]
     assert in_ordinary_memory(model) == [0]  # attached: the resident block is on the device (the CPU here)
 
-    engine = loaded.engine("transformer")
     before, old_engine = loaded_whole_then_streamed(paths, engine)
     assert engine.tiers == old_engine.tiers == [host] * (blocks - 1)
     assert engine.bytes_per_forward == old_engine.bytes_per_forward
@@ -120,12 +123,14 @@ def test_each_block_is_packed_before_the_next_is_read(tiny_root, tmp_path, monke
 
 
 def _lora(tmp_path: Path, paths: ModelPaths) -> LoraStack:
-    """A rank-2 LoRA (kohya names) on two layers of every double block, one of a single block and ``img_in``."""
+    """A rank-2 LoRA (kohya names) on two layers of every double block, one of a single block, a
+    modulation and ``img_in``."""
     g = torch.Generator().manual_seed(5)
     width = TINY_FLUX.hidden_size
     layers = {f"double_blocks_{i}_img_attn_qkv": (3 * width, width) for i in range(TINY_FLUX.depth)}
     layers |= {f"double_blocks_{i}_txt_mlp_0": (4 * width, width) for i in range(TINY_FLUX.depth)}
     layers |= {"single_blocks_1_linear2": (width, 5 * width), "img_in": (width, TINY_FLUX.in_channels)}
+    layers |= {"double_blocks_1_img_mod_lin": (6 * width, width)}  # a modulation: lent apart from its block
     tensors = {}
     for layer, (rows, columns) in layers.items():
         tensors[f"lora_unet_{layer}.lora_down.weight"] = torch.randn(2, columns, generator=g)
@@ -140,11 +145,15 @@ def test_a_lora_read_before_loading_is_packed_with_its_block(tiny_root, tmp_path
     adapt = lambda name, model, layers: stack.apply(name, model, torch.float32, layers)  # noqa: E731
     loaded = components(paths, "mmap", tmp_path / "blocks", adapt=adapt)
     model = loaded.acquire("transformer", "transformer")
-    for block in model_blocks(model):  # factors included, each block views one host buffer
-        assert len({h.tensor.untyped_storage().data_ptr() for h in block_tensors(block)}) == 1
+    lent = loaded.engine("transformer").lent_modules
+    pieces = [*(block_tensors(block, lent) for block in model_blocks(model)), *map(block_tensors, lent)]
+    for held in pieces:  # factors included, each block and each modulation views one buffer
+        assert len({h.tensor.untyped_storage().data_ptr() for h in held}) == 1
     block = model.double_blocks[1]
     storage = block.img_attn.norm.query_norm.scale.untyped_storage().data_ptr()
     assert block.img_attn.qkv.adapters["lora1"].down.untyped_storage().data_ptr() == storage
+    modulation = block.img_mod.lin
+    assert modulation.adapters["lora1"].up.untyped_storage().data_ptr() == modulation.bias.untyped_storage().data_ptr()
     assert "lora1" in model.img_in.adapters  # outside the blocks too
 
     before = load_component("transformer", paths.transformer, torch.float32, "cpu", FORMAT)
