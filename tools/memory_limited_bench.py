@@ -10,7 +10,7 @@ not fit, so a completed run proves the profile fits the host size. While it runs
 Everything goes to one JSON file, next to each run's bench JSON. The bench runs the profile alone
 (no resident reference row before it: that would only add its own memory to the run).
 
-    python tools/memory_limited_bench.py --vram-budget 8GiB --out bench/results/memory-limited
+    PYTHONPATH=. python tools/memory_limited_bench.py --vram-budget 8GiB --out bench/results/memory-limited
 
 The cache folder (``--cache-dir``: the synthetic weights, and the mmap tier's block files) should be
 on a disk: on tmpfs the block files are shared memory, which the kernel cannot drop without swap.
