@@ -77,6 +77,7 @@ class BenchSettings:
     compute: str = "auto"  # the transformer's route (compute.routes.CHOICES)
     compile: str = "auto"  # compiled blocks: auto, on, off
     beside: tuple[str, ...] = ()  # profiles run as references beside the others (e.g. resident-bf16)
+    resident_references: bool = True  # run a streamed profile's resident twin first, as its reference
 
 
 class _PeakRss:
@@ -212,7 +213,8 @@ class _Bench:
         twins: list[str] = [name for name in self.settings.beside if name not in names]
         for name in names:
             twin = resident_twin(self.profiles, name)
-            if self.profiles[name].transformer.resident_blocks != "all" and twin and twin not in names + twins:
+            streams = self.profiles[name].transformer.resident_blocks != "all"
+            if self.settings.resident_references and streams and twin and twin not in names + twins:
                 twins.append(twin)
                 self.notes.append(f"{twin} added as the resident reference of {name}")
         return [(t, True) for t in twins] + [(n, False) for n in names]

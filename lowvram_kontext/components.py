@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .offload import StreamingEngine, StreamSettings, stream_model, trim_heap
+from .offload import StreamingEngine, StreamSettings, model_blocks, stream_model, trim_heap
 from .planner import Plan, StagePlan
 from .progress import Progress
 from .weights.compressed_linear import ScratchPool
-from .weights.loading import COMPONENTS, load_component
+from .weights.loading import COMPONENTS, ComponentReader
 
 BLOCK_COMPONENTS = ("transformer", "t5")  # what a plan stores in its own format and may stream
 # The components each stage's planned peak counts (the transformer stage keeps the VAE loaded).
@@ -61,8 +61,13 @@ class Components:
     stages say. With ``keep_weights`` nothing is dropped: a component leaving the device is parked
     in host memory, the streamed ones as packed (pinned, within the profile's cap) host copies of
     all their blocks, so parking copies nothing and coming back is one upload per block.
-    ``on_load(name, seconds)`` hears of each load from disk; ``after_load(name, model)`` may add to a
-    model just loaded, before it goes anywhere (LoRAs).
+    A component that streams is placed block by block as it is read (see ``_load``).
+
+    ``on_load(name, seconds)`` hears of each load from disk. ``adapt(name, model, layers)`` may hang
+    tensors below the ``layers`` (names) just read, before they go anywhere (LoRAs): it hears of
+    every layer once, blocks one at a time when the component streams. ``after_load(name, model)``
+    may then mark the loaded model (routes, compiled forwards) but not add tensors: its streamed
+    blocks are packed already.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class Components:
         keep_weights: bool = False,
         cache_dir: Path | None = None,
         on_load: Callable[[str, float], None] = lambda name, seconds: None,
+        adapt: Callable[[str, nn.Module, set[str]], None] = lambda name, model, layers: None,
         after_load: Callable[[str, nn.Module], None] = lambda name, model: None,
     ) -> None:
         self.files = dict(files)
@@ -85,6 +91,7 @@ class Components:
         self.keep_weights = keep_weights
         self.cache_dir = cache_dir
         self.on_load = on_load
+        self.adapt = adapt
         self.after_load = after_load
         self.pool = ScratchPool()
         self._held: dict[str, nn.Module] = {}  # loaded components, on the device or parked on the host
@@ -144,15 +151,14 @@ class Components:
             return self._held[name]
         planned = self._planned(name)
         use_engine = planned is not None and (planned.streamed_blocks > 0 or self.keep_weights)
+        settings = self._stream_settings(planned) if use_engine else None
         model = self._held.get(name)
         if model is None:
             storage = planned.format if planned is not None else "file"
-            model = self._load(name, storage, torch.device("cpu") if use_engine else self.device)
-            self._held[name] = model
-        if not use_engine:
-            return model.to(self.device)
-        self._engines[name] = stream_model(model, self.device, self._stream_settings(planned))
-        return model
+            model = self._held[name] = self._load(name, storage, settings)
+        elif settings is not None:
+            self._engines[name] = stream_model(model, self.device, settings)
+        return model if settings is not None else model.to(self.device)
 
     def done_with(self, name: str, stay: bool = False) -> None:
         """A stage has finished with ``name``: its scratch goes, and so does its device memory unless
@@ -189,10 +195,27 @@ class Components:
             keep_host=self.keep_weights,
         )
 
-    def _load(self, name: str, storage: str | None, device: torch.device) -> nn.Module:
+    def _load(self, name: str, storage: str | None, settings: StreamSettings | None) -> nn.Module:
+        """Read component ``name`` from disk onto the device, or with streaming ``settings`` under an engine.
+
+        A streamed component is read piece by piece: the tensors outside its blocks, then each block
+        as its engine places it (packed into its host tier buffer, or onto the device), so host
+        memory never holds more than one block of it outside those places.
+        """
         start = time.perf_counter()
         with self.progress.stage(f"load {COMPONENTS[name].label}"):
-            model = load_component(name, self.files[name], self.dtype, device, storage, pool=self.pool)
+            device = self.device if settings is None else torch.device("cpu")
+            reader = ComponentReader(name, self.files[name], self.dtype, device, storage, pool=self.pool)
+            model = reader.model
+            if settings is None:
+                self.adapt(name, model, reader.read(model))
+            else:
+                self.adapt(name, model, reader.read(model, but=model_blocks(model)))
+
+                def read(module: nn.Module, leave: Sequence[nn.Module]) -> None:
+                    self.adapt(name, model, reader.read(module, but=leave))
+
+                self._engines[name] = stream_model(model, self.device, settings, load=read)
             self.after_load(name, model)
         self.on_load(name, time.perf_counter() - start)
         return model

@@ -151,6 +151,7 @@ class KontextPipeline:
         files = {name: getattr(paths, name) for name in COMPONENTS}
         self.components = Components(
             files, self.device, dtype, self.progress, plan, keep_weights, cache_dir, on_load=self._loaded,
+            adapt=lambda name, model, layers: self.loras.apply(name, model, self.dtype, layers),
             after_load=self._prepare,
         )  # fmt: skip
 
@@ -168,8 +169,7 @@ class KontextPipeline:
         self.stats.load_seconds[name] = seconds
 
     def _prepare(self, name: str, model: nn.Module) -> None:
-        """A component just loaded: its LoRAs, the transformer's compute route, compiled blocks."""
-        self.loras.apply(name, model, self.dtype)
+        """A component just loaded (its LoRAs on): the transformer's compute route, compiled blocks."""
         if name == "transformer":
             route = self.route(model)
             counts = routes.apply(model, route)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,14 @@ def test_resident_twins_keep_the_transformer_format() -> None:
         "fp8-stream": "resident-fp8-w8a8", "as-file": None,
     }  # fmt: skip
     assert bench.resident_twin(profiles, "resident-nf4") == "resident-nf4"
+
+
+def test_the_resident_reference_can_be_left_out(tmp_path: Path) -> None:
+    """A run inside a host memory limit measures the asked profile alone: its twin would only add noise."""
+    settings = bench.BenchSettings(("nf4-mmap",), None, tmp_path, SIZE, SIZE, small=True)
+    assert bench._Bench(settings, print).schedule() == [("resident-nf4", True), ("nf4-mmap", False)]
+    alone = replace(settings, resident_references=False)
+    assert bench._Bench(alone, print).schedule() == [("nf4-mmap", False)]
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8", "fp8_e4m3", "Q8_0"])

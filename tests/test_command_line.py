@@ -39,13 +39,13 @@ def _value_options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 def loads(monkeypatch: pytest.MonkeyPatch) -> Counter:
     """Counts the components read from disk (a run that fails early reads none)."""
     counts: Counter = Counter()
-    real = components.load_component
+    real = components.ComponentReader
 
     def counting(name: str, *args: object, **kwargs: object) -> object:
         counts[name] += 1
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(components, "load_component", counting)
+    monkeypatch.setattr(components, "ComponentReader", counting)
     return counts
 
 

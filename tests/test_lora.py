@@ -413,9 +413,9 @@ def test_session_adds_reweights_and_removes_without_reloading(tiny, tmp_path, mo
     with_lora = _edit(_pipeline(root, [LoraSpec(path, 0.8)]))
 
     loads: list[str] = []
-    real_load = components_module.load_component
+    real_load = components_module.ComponentReader
     monkeypatch.setattr(
-        components_module, "load_component", lambda name, *a, **k: loads.append(name) or real_load(name, *a, **k)
+        components_module, "ComponentReader", lambda name, *a, **k: loads.append(name) or real_load(name, *a, **k)
     )
     session = _pipeline(root, [])
     assert session.plan.stage("transformer").streamed_blocks == 4

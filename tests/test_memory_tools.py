@@ -92,6 +92,28 @@ def test_without_a_cgroup_systemd_run_is_tried_and_failures_are_reported(tmp_pat
         assert run.problems[1] == "systemd-run: not installed"
 
 
+def test_the_cache_folders_filesystem_is_found_and_the_bench_runs_the_profile_alone(tmp_path: Path) -> None:
+    tmp_path = tmp_path.resolve()
+    (tmp_path / "cache").mkdir()
+    folder = tmp_path / "cache" / "synthetic"  # not made yet: its nearest existing parent counts
+    mounts = (
+        "/dev/sda1 / ext4 rw 0 0\n"
+        f"tmpfs {tmp_path} tmpfs rw 0 0\n"
+        f"/dev/sdb1 {tmp_path}/cache xfs rw 0 0\n"
+        f"/dev/sdc1 {tmp_path}/cache-other ext4 rw 0 0\n"
+    )
+    assert limited.filesystem_type(folder, mounts) == "xfs"
+    assert limited.filesystem_type(tmp_path / "elsewhere", mounts) == "tmpfs"
+    assert limited.filesystem_type(Path("/"), mounts) == "ext4"
+    assert limited.filesystem_type(folder, mounts + f"tmpfs {tmp_path}/cache tmpfs rw 0 0\n") == "tmpfs"  # mounted over
+
+    args = limited.argparse.Namespace(vram_budget="8GiB", steps=2, compile="auto", cache_dir=None)
+    command = limited.bench_command("nf4-mmap", args, tmp_path / "b.json")
+    assert "--no-resident-reference" in command and "--cache-dir" not in command
+    args.cache_dir = folder
+    assert limited.bench_command("nf4-mmap", args, tmp_path / "b.json")[-2:] == ["--cache-dir", str(folder)]
+
+
 def test_the_oom_demo_needs_cuda() -> None:
     done = subprocess.run([sys.executable, str(TOOLS / "oom_retry_demo.py")], capture_output=True, text=True)
     if "CUDA" in done.stderr:

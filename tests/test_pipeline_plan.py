@@ -47,13 +47,13 @@ def _plan(
 def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The components the pipeline reads from disk, in order."""
     names: list[str] = []
-    real_load = components_module.load_component
+    real_reader = components_module.ComponentReader
 
-    def counting_load(name, *args, **kwargs):  # noqa: ANN001, ANN202
+    def counting_reader(name, *args, **kwargs):  # noqa: ANN001, ANN202
         names.append(name)
-        return real_load(name, *args, **kwargs)
+        return real_reader(name, *args, **kwargs)
 
-    monkeypatch.setattr(components_module, "load_component", counting_load)
+    monkeypatch.setattr(components_module, "ComponentReader", counting_reader)
     return names
 
 
@@ -77,14 +77,14 @@ def test_streamed_plan_gives_the_resident_image_bit_for_bit(tiny_root: Path) -> 
 
 def test_text_encoders_and_transformer_are_freed_after_their_stages(tiny_root: Path, monkeypatch) -> None:  # noqa: ANN001
     loaded: dict[str, weakref.ref] = {}
-    real_load = components_module.load_component
+    real_reader = components_module.ComponentReader
 
-    def tracking_load(name, *args, **kwargs):  # noqa: ANN001, ANN202
-        model = real_load(name, *args, **kwargs)
-        loaded[name] = weakref.ref(model)
-        return model
+    def tracking_reader(name, *args, **kwargs):  # noqa: ANN001, ANN202
+        reader = real_reader(name, *args, **kwargs)
+        loaded[name] = weakref.ref(reader.model)
+        return reader
 
-    monkeypatch.setattr(components_module, "load_component", tracking_load)
+    monkeypatch.setattr(components_module, "ComponentReader", tracking_reader)
     pipe = KontextPipeline(_paths(tiny_root), plan=_plan(tiny_root, resident=1)[0])
     pipe.encode_prompt("a red hat")
     for name in ("clip", "t5"):
@@ -102,9 +102,9 @@ def test_kept_weights_are_read_from_disk_once_over_several_edits(
     engines: list[str] = []
     real_stream_model = components_module.stream_model
 
-    def counting_stream_model(model, device, settings):  # noqa: ANN001, ANN202
+    def counting_stream_model(model, device, settings, **kwargs):  # noqa: ANN001, ANN003, ANN202
         engines.append(f"{type(model).__name__}, keep_host={settings.keep_host}")
-        return real_stream_model(model, device, settings)
+        return real_stream_model(model, device, settings, **kwargs)
 
     monkeypatch.setattr(components_module, "stream_model", counting_stream_model)
     streamed_plan, _ = _plan(tiny_root, resident=1)

@@ -42,13 +42,13 @@ def test_chain_of_three_prompts_loads_transformer_and_vae_once(
     tiny_root: Path, input_png: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     loads: Counter[str] = Counter()
-    real_load = components.load_component
+    real_load = components.ComponentReader
 
     def counting_load(name: str, *args: object, **kwargs: object) -> object:
         loads[name] += 1
         return real_load(name, *args, **kwargs)
 
-    monkeypatch.setattr(components, "load_component", counting_load)
+    monkeypatch.setattr(components, "ComponentReader", counting_load)
     out = tmp_path / "chain.png"
     prompts = ["--prompt", "add a hat", "--prompt", "make it night", "--prompt", "add snow"]
     argv = ["edit", *_model(tiny_root), "--image", str(input_png), "--out", str(out), *prompts, *SMALL]

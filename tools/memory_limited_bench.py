@@ -7,9 +7,14 @@ The kernel reclaims page cache inside the limit and kills the process when anony
 not fit, so a completed run proves the profile fits the host size. While it runs, the group's
 ``memory.stat`` is sampled: the peaks of anonymous memory (the process's own) and of page cache
 (file pages: the mmap tier's weights, files read), with the group's own peak and OOM kills after.
-Everything goes to one JSON file, next to each run's bench JSON.
+Everything goes to one JSON file, next to each run's bench JSON. The bench runs the profile alone
+(no resident reference row before it: that would only add its own memory to the run).
 
-    python tools/memory_limited_bench.py --vram-budget 8GiB --out bench/results/memory-limited
+    PYTHONPATH=. python tools/memory_limited_bench.py --vram-budget 8GiB --out bench/results/memory-limited
+
+The cache folder (``--cache-dir``: the synthetic weights, and the mmap tier's block files) should be
+on a disk: on tmpfs the block files are shared memory, which the kernel cannot drop without swap.
+The tool records the folder's filesystem type and says so when it is tmpfs.
 
 Profiles by limit (``--profiles 8=nf4-mmap,16=nf4-stream-lowram,32=nf4-stream``) are those the planner
 picks for such hosts. Creating cgroups needs root or a delegated cgroup; when no mechanism works the
@@ -30,6 +35,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from lowvram_kontext.paths import cache_dir
 
 GIB = 1 << 30
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -149,6 +156,8 @@ class Run:
     file_peak_bytes: int | None = None  # page cache charged to the group
     file_mapped_peak_bytes: int | None = None
     oom_kills: int | None = None
+    cache_dir: str | None = None  # the bench's cache folder: synthetic weights, the mmap tier's block files
+    cache_filesystem: str | None = None  # its filesystem type ("tmpfs": block files cannot be dropped)
     bench: dict = field(default_factory=dict)  # the bench row: completed, error, host_ram_peak_bytes, s/step
     problems: list[str] = field(default_factory=list)
 
@@ -229,10 +238,32 @@ def scope_group(pid: int, root: Path) -> Group | None:
 
 
 def bench_command(profile: str, args: argparse.Namespace, out: Path) -> list[str]:
+    """The bench run of ``profile`` alone (no resident reference before it), in ``args.cache_dir`` if given."""
+    cache = [] if args.cache_dir is None else ["--cache-dir", str(args.cache_dir)]
     return [
         sys.executable, "-m", "lowvram_kontext", "bench", "--synthetic", "--profiles", profile,
-        "--vram-budget", args.vram_budget, "--steps", str(args.steps), "--warmup", "1", "--json", str(out),
+        "--no-resident-reference", "--vram-budget", args.vram_budget, "--steps", str(args.steps), "--warmup", "1",
+        "--compile", args.compile, "--json", str(out), *cache,
     ]  # fmt: skip
+
+
+def filesystem_type(path: Path, mounts: str) -> str | None:
+    """The type of the filesystem holding ``path`` (or its nearest existing parent), from the text of
+    ``/proc/mounts``: the last mount on the longest mount point that contains it."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    where = str(path.resolve())
+    longest, kind = -1, None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = where == point or where.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= longest:
+            longest, kind = len(point), fields[2]
+    return kind
 
 
 def read_bench_row(path: Path) -> dict:
@@ -256,6 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vram-budget", default="8GiB")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("bench/results/memory-limited"))
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="the bench's cache folder: its synthetic weights and the mmap tier's block files; put it on a disk, "
+        "not tmpfs (default: the bench's own, the cache folder's synthetic/)",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the bench's --compile; off leaves out the compiler's working set and worker processes (default auto)",
+    )
     args = parser.parse_args(argv)
     profiles = dict(DEFAULT_PROFILES)
     for pair in (args.profiles or "").split(","):
@@ -264,11 +307,24 @@ def main(argv: list[str] | None = None) -> int:
             profiles[int(limit)] = name.strip()
     args.out.mkdir(parents=True, exist_ok=True)
     proc_cgroup = Path("/proc/self/cgroup").read_text()
+    cache = args.cache_dir if args.cache_dir is not None else cache_dir() / "synthetic"
+    try:
+        filesystem = filesystem_type(cache, Path("/proc/mounts").read_text())
+    except OSError:
+        filesystem = None
+    print(f"cache folder {cache}: {filesystem or 'filesystem unknown'}", file=sys.stderr)
+    if filesystem == "tmpfs":
+        print(
+            "warning: the cache folder is on tmpfs: the mmap tier's block files there are shared memory, which "
+            "the kernel cannot drop without swap; pass --cache-dir on a disk",
+            file=sys.stderr,
+        )
     runs = []
     for limit in (int(x) for x in args.limits.split(",")):
         profile = profiles.get(limit, DEFAULT_PROFILES[32])
         bench_json = args.out / f"bench-{limit}gib-{profile}.json"
-        run = Run(limit, profile, None, bench_command(profile, args, bench_json))
+        command = bench_command(profile, args, bench_json)
+        run = Run(limit, profile, None, command, cache_dir=str(cache), cache_filesystem=filesystem)
         print(f"{limit} GiB: {profile} ...", file=sys.stderr, flush=True)
         run_limited(run, CGROUP_ROOT, proc_cgroup)
         run.bench = read_bench_row(bench_json)

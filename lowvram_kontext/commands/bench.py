@@ -85,6 +85,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="apply a random rank-R LoRA to every layer of every transformer block (measures a LoRA's cost), "
         f"0 to {MAX_LORA_RANK} (default 0: none)",
     )
+    parser.add_argument(
+        "--no-resident-reference",
+        action="store_true",
+        help="run only the profiles asked for, without a streamed profile's resident twin as its reference",
+    )
     parser.add_argument("--small", action="store_true", help="the tiny model instead of the full-size one (CPU tests)")
     parser.add_argument(
         "--dtype",
@@ -125,6 +130,7 @@ def _settings(args: argparse.Namespace) -> bench.BenchSettings:
         compute=args.compute,
         compile=args.compile,
         beside=tuple(dict.fromkeys(n.strip() for n in args.beside.split(",") if n.strip())),
+        resident_references=not args.no_resident_reference,
     )
 
 

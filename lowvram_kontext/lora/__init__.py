@@ -9,7 +9,7 @@ component as it is loaded and changed in place on components already loaded.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +109,11 @@ class LoraStack:
     def remove(self, lora: Lora) -> None:
         self._loras.remove(lora)
 
-    def apply(self, component: str, model: nn.Module, dtype: torch.dtype) -> None:
-        """Hang every LoRA's updates of ``component`` on ``model`` (just loaded)."""
+    def apply(self, component: str, model: nn.Module, dtype: torch.dtype, layers: Container[str] | None = None) -> None:
+        """Hang every LoRA's updates of ``component`` on ``model`` (just loaded): on the ``layers`` (names)
+        only when given, as a model read block by block needs."""
         for lora in self._loras:
-            attach(lora, component, model, dtype)
+            attach(lora, component, model, dtype, layers)
 
     def text_identity(self) -> str:
         """What the prompt embedding depends on: the files and strengths of LoRAs on the text encoders
@@ -153,9 +154,13 @@ class LoraStack:
         return sizes
 
 
-def attach(lora: Lora, component: str, model: nn.Module, dtype: torch.dtype) -> None:
-    """Hang ``lora``'s updates of ``component`` (if any) on ``model``."""
-    updates = lora.updates.get(component)
+def attach(
+    lora: Lora, component: str, model: nn.Module, dtype: torch.dtype, layers: Container[str] | None = None
+) -> None:
+    """Hang ``lora``'s updates of ``component`` (if any) on ``model``: of the ``layers`` (names) only when given."""
+    updates = lora.updates.get(component) or {}
+    if layers is not None:
+        updates = {name: update for name, update in updates.items() if name in layers}
     if updates:
         apply.attach(model, lora.key, updates, lora.strength, dtype)
 

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import KontextError
-from .host import HOST_TIERS, HostMemory, plan_tiers, trim_heap
+from .host import HOST_TIERS, HostMemory, TierChoice, trim_heap
 from .tensors import BlockLayout, HeldTensor, assign, block_tensors, check_materialized, module_tensors, pack
 
 STAGING_CHUNK_BYTES = 16 << 20
@@ -147,6 +147,11 @@ class StreamingEngine:
     For inference: parameters are frozen, and the blocks must not be moved (``.to``) while attached.
     After ``detach`` streamed blocks hold their host copies; resident blocks and ``outside`` stay on
     the device, or with ``keep_host`` hold their host copies too.
+
+    With ``load`` the blocks may still be on the meta device: the first ``attach`` calls
+    ``load(module, leave)`` to read the tensors below a block (or a lent module) but those below the
+    modules ``leave`` just before it packs them or moves them to the device, so they are in ordinary
+    host memory only between being read and being put in their place.
     """
 
     def __init__(
@@ -156,6 +161,7 @@ class StreamingEngine:
         settings: StreamSettings,
         outside: Sequence[nn.Module] = (),
         lent: Sequence[nn.Module] = (),
+        load: Callable[[nn.Module, Sequence[nn.Module]], None] | None = None,
     ) -> None:
         resident, prefetch, host = settings.resident, settings.prefetch, settings.host
         if not 0 <= resident <= len(blocks):
@@ -168,6 +174,7 @@ class StreamingEngine:
         self.blocks = list(blocks)
         self.outside = list(outside)
         self.lent_modules = list(lent)
+        self._load = load  # until the first attach has read every block
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -237,7 +244,7 @@ class StreamingEngine:
         if self._attachment is not None:
             raise KontextError("streaming: the engine is attached already")
         if self._memory is None:
-            for index, block in enumerate(self.blocks):
+            for index, block in enumerate(self.blocks if self._load is None else ()):
                 check_materialized(block, f"streaming: block {index}")
             self._pack()
         a = self._attachment = _Attachment()
@@ -246,9 +253,9 @@ class StreamingEngine:
             self.outside_bytes, *block_bytes = (p.layout.nbytes for p in self._resident)
             self.resident_bytes = sum(block_bytes)
         else:
-            self.outside_bytes = self._move(self._outside_tensors())
-            resident = self.blocks[: self.resident]
-            self.resident_bytes = sum(self._move(block_tensors(block, self.lent_modules)) for block in resident)
+            self.outside_bytes = self._move(self._outside_tensors)
+            self.resident_bytes = sum(self._move(partial(self._block_tensors, i)) for i in range(self.resident))
+        self._load = None
         if not self._streamed:
             return self
         a.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots)]
@@ -269,29 +276,36 @@ class StreamingEngine:
         and then resident copies (once per attach) take what is left of the pinned cap.
         """
         host, cap = self.settings.host, self.settings.pinned_cap_bytes
-        # Each group's tensors are gathered only to pack it, so its old tensors are freed right after.
-        streamed = [partial(block_tensors, block, self.lent_modules) for block in self.blocks[self.resident :]]
-        lent = [partial(block_tensors, module) for module in self.lent_modules]
-        resident = [partial(block_tensors, block, self.lent_modules) for block in self.blocks[: self.resident]]
+        # Each group's tensors are gathered (read first, with a loader) only to pack it, so its old
+        # tensors are freed right after: ordinary memory holds one group at a time.
+        streamed = [partial(self._block_tensors, index) for index in range(self.resident, len(self.blocks))]
+        lent = [partial(self._tensors, module) for module in self.lent_modules]
+        resident = [partial(self._block_tensors, index) for index in range(self.resident)]
         resident = [self._outside_tensors, *resident] if self.settings.keep_host else []
-        sizes = [BlockLayout(group()).nbytes for group in [*streamed, *lent]]
-        tiers = plan_tiers(sizes, host, cap, can_pin=self._cuda)
-        pinned = sum(size for size, tier in zip(sizes, tiers, strict=True) if tier == "pinned")
-        room = None if cap is None else cap - pinned
-        resident_tiers = plan_tiers([BlockLayout(group()).nbytes for group in resident], host, room, self._cuda)
         self._memory = HostMemory(self.settings.cache_dir)
+        tiers = TierChoice(host, cap, can_pin=self._cuda)
         self._streamed = [
-            _Streamed(*self._packed(group, tier), index=self.resident + offset)
-            for offset, (group, tier) in enumerate(zip(streamed, tiers, strict=False))
+            _Streamed(*self._packed(group, tiers), index=self.resident + offset)
+            for offset, group in enumerate(streamed)
         ]
-        lent_tiers = tiers[len(streamed) :]
         self._lent = {
-            id(module): _Packed(*self._packed(group, tier))
-            for module, group, tier in zip(self.lent_modules, lent, lent_tiers, strict=True)
+            id(module): _Packed(*self._packed(group, tiers))
+            for module, group in zip(self.lent_modules, lent, strict=True)
         }
-        kept = zip(resident, resident_tiers, strict=True)
-        self._resident = [_Packed(*self._packed(group, tier)) for group, tier in kept]
-        self.slot_bytes = max(sizes[: len(streamed)], default=0)
+        room = None if cap is None else cap - tiers.pinned_bytes
+        resident_tiers = TierChoice(host, room, can_pin=self._cuda)
+        self._resident = [_Packed(*self._packed(group, resident_tiers)) for group in resident]
+        self.slot_bytes = max((s.layout.nbytes for s in self._streamed), default=0)
+
+    def _block_tensors(self, index: int) -> list[HeldTensor]:
+        """The tensors of block ``index`` but its lent modules', read first while the engine has a loader."""
+        return self._tensors(self.blocks[index], self.lent_modules)
+
+    def _tensors(self, module: nn.Module, leave: Sequence[nn.Module] = ()) -> list[HeldTensor]:
+        """The tensors below ``module`` but those below ``leave``, read first while the engine has a loader."""
+        if self._load is not None:
+            self._load(module, leave)
+        return block_tensors(module, leave)
 
     @contextmanager
     def lent(self, module: nn.Module) -> Iterator[None]:
@@ -313,18 +327,25 @@ class StreamingEngine:
         return [held for module in self.outside for held in module_tensors(module)]
 
     def _packed(
-        self, group: Callable[[], list[HeldTensor]], tier: str
+        self, group: Callable[[], list[HeldTensor]], tiers: TierChoice
     ) -> tuple[BlockLayout, Tensor, str, list[Tensor]]:
-        """Pack ``group()`` into a ``tier`` buffer; its old tensors are freed and given back at once."""
-        layout, buffer, views = pack(group(), partial(self._memory.allocate, tier))
+        """Pack ``group()`` into a buffer of the tier ``tiers`` picks; its old tensors are freed and given back."""
+        held = group()
+        tier = tiers.next(BlockLayout(held).nbytes)
+        layout, buffer, views = pack(held, partial(self._memory.allocate, tier))
+        del held  # the old tensors go now, before the heap is trimmed
         trim_heap()
         return layout, buffer, tier, views
 
-    def _move(self, held: Sequence[HeldTensor]) -> int:
-        """Move ``held`` to the device; returns their bytes."""
+    def _move(self, group: Callable[[], list[HeldTensor]]) -> int:
+        """Move ``group()`` to the device; returns their bytes. Their host copies are given back at once."""
+        held = group()
         for h in held:
             assign(h, h.tensor.to(self.device))
-        return sum(h.tensor.numel() * h.tensor.element_size() for h in held)
+        nbytes = sum(h.tensor.numel() * h.tensor.element_size() for h in held)
+        del held  # the host copies go now, before the heap is trimmed
+        trim_heap()
+        return nbytes
 
     def _upload(self, packed: _Packed) -> Tensor:
         """One copy of ``packed``'s host buffer to the device; its tensors then view the device copy."""

@@ -27,23 +27,36 @@ from ..errors import KontextError
 HOST_TIERS = ("pinned", "pageable", "mmap")
 
 
-def plan_tiers(
-    block_bytes: Sequence[int], host: str, pinned_cap_bytes: int | None, can_pin: bool
-) -> list[str]:
-    """The host tier (one of ``HOST_TIERS``) of each block, in order.
+class TierChoice:
+    """The host tier (one of ``HOST_TIERS``) of blocks given one at a time, in order.
 
     With ``host`` "pinned", blocks are pinned in order while the total stays within
     ``pinned_cap_bytes`` (no cap when None); the others, and all of them when pinning is not
-    possible (no CUDA device), are pageable. Otherwise every block gets ``host``.
+    possible (no CUDA device), are pageable. Otherwise every block gets ``host``. A block's tier
+    depends only on the blocks before it, so blocks can be placed as they come.
     """
-    if host != "pinned":
-        return [host] * len(block_bytes)
-    tiers, pinned = [], 0
-    for nbytes in block_bytes:
-        fits = can_pin and (pinned_cap_bytes is None or pinned + nbytes <= pinned_cap_bytes)
-        tiers.append("pinned" if fits else "pageable")
-        pinned += nbytes if fits else 0
-    return tiers
+
+    def __init__(self, host: str, pinned_cap_bytes: int | None, can_pin: bool) -> None:
+        self.host = host
+        self.pinned_cap_bytes = pinned_cap_bytes
+        self.can_pin = can_pin
+        self.pinned_bytes = 0
+
+    def next(self, nbytes: int) -> str:
+        """The tier of the next block, of ``nbytes`` bytes."""
+        if self.host != "pinned":
+            return self.host
+        cap = self.pinned_cap_bytes
+        if not (self.can_pin and (cap is None or self.pinned_bytes + nbytes <= cap)):
+            return "pageable"
+        self.pinned_bytes += nbytes
+        return "pinned"
+
+
+def plan_tiers(block_bytes: Sequence[int], host: str, pinned_cap_bytes: int | None, can_pin: bool) -> list[str]:
+    """The host tier of each block of ``block_bytes`` bytes, in order (see ``TierChoice``)."""
+    choice = TierChoice(host, pinned_cap_bytes, can_pin)
+    return [choice.next(nbytes) for nbytes in block_bytes]
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:

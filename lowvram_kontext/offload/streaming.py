@@ -7,6 +7,7 @@ and, optionally, ``prepass_modules()``: modules inside the blocks it runs apart 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -33,13 +34,26 @@ def model_blocks(model: nn.Module) -> list[nn.Module]:
     return model.streamable_blocks()
 
 
-def stream_model(model: nn.Module, device: torch.device | str, settings: StreamSettings) -> StreamingEngine:
+def stream_model(
+    model: nn.Module,
+    device: torch.device | str,
+    settings: StreamSettings,
+    load: Callable[[nn.Module, Sequence[nn.Module]], None] | None = None,
+) -> StreamingEngine:
     """Attach an engine with ``settings`` to ``model``'s blocks; its tensors outside the blocks go to
     ``device`` whole, and the modules its ``prepass_modules()`` names (if it has that method) stay in
-    host memory, lent to the device by the engine's ``lent``. Returns the attached engine."""
-    check_materialized(model, type(model).__name__)
+    host memory, lent to the device by the engine's ``lent``. Returns the attached engine.
+
+    With ``load`` only the tensors outside the blocks need to be read: the blocks may still be on
+    the meta device, and the engine reads them with ``load`` as it places them (see ``StreamingEngine``).
+    """
     blocks = model_blocks(model)
     inside = {id(module) for block in blocks for module in block.modules()}
     outside = [module for module in model.modules() if id(module) not in inside]
+    if load is None:
+        check_materialized(model, type(model).__name__)
+    else:  # the blocks are read as the engine places them
+        for module in outside:
+            check_materialized(module, type(model).__name__, recurse=False)
     lent = model.prepass_modules() if hasattr(model, "prepass_modules") else []
-    return StreamingEngine(blocks, device, settings, outside=outside, lent=lent).attach()
+    return StreamingEngine(blocks, device, settings, outside=outside, lent=lent, load=load).attach()

@@ -56,9 +56,10 @@ def assign(held: HeldTensor, value: Tensor) -> None:
     _put(held.owner, held.kind, held.name, _frozen(held.kind, value))
 
 
-def check_materialized(module: nn.Module, label: str) -> None:
-    """A KontextError naming the first tensor of ``module`` that has no data yet (meta device)."""
-    for name, tensor in chain(module.named_parameters(), module.named_buffers()):
+def check_materialized(module: nn.Module, label: str, recurse: bool = True) -> None:
+    """A KontextError naming the first tensor of ``module`` (of its own only, without ``recurse``)
+    that has no data yet (meta device)."""
+    for name, tensor in chain(module.named_parameters(recurse=recurse), module.named_buffers(recurse=recurse)):
         if tensor.is_meta:
             raise KontextError(f"{label}: tensor {name} has no data (meta device); load the weights first")
 

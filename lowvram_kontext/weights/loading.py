@@ -15,7 +15,7 @@ biases, the final layer) stays in the compute dtype.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,9 +179,11 @@ def materialize(
     dtype: torch.dtype,
     device: torch.device | str,
     skip: Container[str] = (),
+    names: Iterable[str] | None = None,
 ) -> nn.Module:
-    """Replace the (meta) parameters of ``model`` by tensors read from ``source`` one at a time."""
-    for name in model.state_dict():
+    """Replace the (meta) parameters of ``model`` by tensors read from ``source`` one at a time:
+    those ``names`` (all of the model's when None) but the ones in ``skip``."""
+    for name in model.state_dict() if names is None else names:
         if name in skip:
             continue
         owner_name, _, leaf = name.rpartition(".")
@@ -225,6 +227,57 @@ def compress(ref: TensorRef, storage: str, work_device: torch.device | str = "cp
     return quantize(ref.load().to(work_device).float(), storage)
 
 
+class ComponentReader:
+    """A component built on the meta device, its tensors read piece by piece as they are asked for.
+
+    ``read(module)`` reads the tensors below one of the model's modules (a block, say) that are
+    not read yet, so a caller can put each block where it will live before the next one is read:
+    ordinary memory then holds one block at a time, not the whole model. Pieces are read exactly
+    as ``load_component`` reads the whole model (same storage, same values). ``storage``, ``pool``
+    and ``device`` as in ``load_component``; the file's shapes are checked when it is opened.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        storage: str | None,
+        pool: ScratchPool | None,
+    ) -> None:
+        component = COMPONENTS[name]
+        if storage not in (None, "file"):
+            codec(storage)  # an unknown format fails before anything is read
+        config, self._source = open_component(component, path)
+        with torch.device("meta"):
+            self.model = component.model(config).eval()
+        check_shapes(self.model, self._source, component.label)
+        self._dtype, self._device, self._storage, self._pool = dtype, device, storage, pool
+        compressible = [] if storage is None else compressible_weights(self.model, component.block_prefixes)
+        self._compressible = set(compressible)
+        self._unread = list(self.model.state_dict())
+        self._names = {id(module): name for name, module in self.model.named_modules()}
+
+    def read(self, module: nn.Module, but: Sequence[nn.Module] = ()) -> set[str]:
+        """Read the tensors below ``module`` (the model itself for all) not read yet, except those below
+        the modules ``but``; returns the names of the layers that got them."""
+        under = self._names[id(module)]
+        skipped = tuple(f"{self._names[id(m)]}." for m in but)
+        names = [n for n in self._unread if n.startswith(f"{under}." if under else "") and not n.startswith(skipped)]
+        work_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        compressed: dict[str, QuantizedTensor] = {}
+        for weight in (n for n in names if n in self._compressible):
+            held = compress(self._source[weight], self._storage, work_device)
+            if held is not None:
+                compressed[weight] = held.to(self._device)
+        materialize(self.model, self._source, self._dtype, self._device, skip=compressed, names=names)
+        replace_linears(self.model, compressed, pool=self._pool)
+        read = set(names)
+        self._unread = [n for n in self._unread if n not in read]
+        return {n.rpartition(".")[0] for n in names}
+
+
 def load_component(
     name: str,
     path: Path,
@@ -240,20 +293,6 @@ def load_component(
     ("nf4", "int8", "Q4_0", ...) quantizes them into it while loading, one tensor at a time, on the
     GPU when one is available. Compressed layers dequantize into ``pool`` (the process-wide one when None).
     """
-    component = COMPONENTS[name]
-    if storage not in (None, "file"):
-        codec(storage)  # an unknown format fails before anything is read
-    config, source = open_component(component, path)
-    with torch.device("meta"):
-        model = component.model(config)
-    check_shapes(model, source, component.label)
-    work_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    compressed: dict[str, QuantizedTensor] = {}
-    if storage is not None:
-        for weight in compressible_weights(model, component.block_prefixes):
-            held = compress(source[weight], storage, work_device)
-            if held is not None:
-                compressed[weight] = held.to(device)
-    materialize(model, source, dtype, device, skip=compressed)
-    replace_linears(model, compressed, pool=pool)
-    return model
+    reader = ComponentReader(name, path, dtype, device, storage, pool)
+    reader.read(reader.model)
+    return reader.model
