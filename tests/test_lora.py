@@ -657,3 +657,31 @@ def test_session_lora_commands(tiny, tmp_path, monkeypatch, capsys) -> None:  # 
     assert "LoRA removed: style" in err and err.rstrip().endswith("no LoRAs")
     written = list((tmp_path / "out").iterdir())
     assert len(written) == 1 and "style.safetensors" in Image.open(written[0]).text["loras"]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "Q8_0", "fp8_e4m3"])
+def test_a_compiled_layer_adds_its_loras_into_the_dequantized_weight(fmt: str) -> None:
+    """Compiled, the updates go into the dequantized weight (inside one custom op for the formats that
+    dequantize through one): the same output as the eager layer, which adds them into its scratch copy."""
+    g = torch.Generator().manual_seed(3)
+    layer = CompressedLinear(quantize(torch.randn(64, 96, generator=g) / 10, fmt), torch.randn(64, generator=g))
+    for key, strength in (("a", 0.8), ("b", -0.5)):
+        down, up = _factors(64, 96, g)
+        layer.adapters[key] = apply.LowRank(down, up, strength)
+    x = torch.randn(3, 5, 96, generator=g)
+    plain = CompressedLinear(layer.weight, layer.bias)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, without = layer(x), plain(x)
+        compiled = torch.compile(layer, backend=capture, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert rel_err(eager, without) > 0.05  # the LoRAs change the output
+    ops = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    merged = "lowvram_kontext.dequantize_low_rank.default" in ops
+    assert merged == (fmt != "fp8_e4m3")  # fp8 is traced, its addmm fused by the compiler

@@ -37,14 +37,9 @@ class LowRank(nn.Module):
         self.register_buffer("up", up)
         self.strength = strength
 
-    def add_to_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` (a dequantized copy of the layer's weight) with this update added: in place when
-        eager; a new graph tensor when compiled, where an in-place update of the dequantization's output
-        would make the compiler copy that output first."""
-        up, down = self.up.to(weight.dtype), self.down.to(weight.dtype)
-        if torch.compiler.is_compiling():
-            return torch.addmm(weight, up, down, alpha=self.strength)
-        return weight.addmm_(up, down, alpha=self.strength)
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(strength * up, down)`` in ``dtype``: their product is the update of the layer's weight."""
+        return self.up.to(dtype) * self.strength, self.down.to(dtype)
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` (the layer's output for ``x``) with this update added, in place."""

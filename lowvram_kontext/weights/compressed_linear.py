@@ -114,28 +114,26 @@ class CompressedLinear(nn.Module):
         if self.route is not None:
             out = kernels.LINEARS[self.route](x, self.weight_data, self.weight_scale, bias)
         else:
-            weight, ours = self._dequantized(x.dtype)
-            if ours:
-                # The dequantized weight is a scratch copy: adding the low-rank updates to it costs one pass
-                # over the weight, fewer bytes than the two passes over the (larger) activations below.
-                for adapter in adapters:
-                    weight = adapter.add_to_weight(weight)
-                adapters = []
+            weight, adapters = self._dequantized(x.dtype, adapters)
             out = F.linear(x, weight, bias)
         for adapter in adapters:
             out = adapter.add_to(x, out)
         return out
 
-    def _dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-        """The weight's values as ``dtype`` (as stored, in the pool's scratch, or, compiled, a graph tensor),
-        and whether that tensor is a copy this call may change."""
+    def _dequantized(self, dtype: torch.dtype, adapters: list[nn.Module]) -> tuple[torch.Tensor, list[nn.Module]]:
+        """The weight's values as ``dtype`` (as stored, in the pool's scratch, or, compiled, a graph tensor)
+        with the low-rank updates of ``adapters`` added where the values are a copy made here (one pass
+        over the weight, fewer bytes than two over the larger activations); the adapters left to add
+        to the output."""
         compressed = self.weight
         if compressed.data.dtype == dtype and isinstance(codec(self.format), PlainCodec):
-            return compressed.data, False  # already the values in the compute dtype: no copy
+            return compressed.data, adapters  # already the values in the compute dtype: no copy
         if torch.compiler.is_compiling():
-            return dequantize_in_graph(compressed, dtype), True
-        scratch = self.pool.take(compressed.shape, dtype, compressed.device)
-        return compressed.dequantize(dtype, out=scratch), True
+            return dequantize_in_graph(compressed, dtype, [a.factors(dtype) for a in adapters]), []
+        weight = compressed.dequantize(dtype, out=self.pool.take(compressed.shape, dtype, compressed.device))
+        for adapter in adapters:
+            weight.addmm_(*adapter.factors(dtype))
+        return weight, []
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CompressedLinear:
         # Probe with an integer tensor: it follows device moves but never dtype casts.
