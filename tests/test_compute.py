@@ -167,10 +167,10 @@ def test_restore_gives_back_the_eager_forward(light_backend, tmp_path):
 @pytest.mark.parametrize("fmt", ["nf4", "int8", "Q4_0"])
 def test_the_dequantize_op_is_opaque_and_matches_the_format(fmt):
     weight = quantize(torch.randn(64, 64, generator=torch.Generator().manual_seed(2)), fmt)
-    out = dequantize_op(fmt, list(weight.shape), torch.bfloat16, weight.data, weight.scale, weight.absmax)
+    out = dequantize_op(fmt, list(weight.shape), torch.bfloat16, weight.data, weight.scale, weight.absmax, [], [])
     assert torch.equal(out, weight.dequantize(torch.bfloat16))
     torch.library.opcheck(
-        dequantize_op, (fmt, list(weight.shape), torch.float32, weight.data, weight.scale, weight.absmax)
+        dequantize_op, (fmt, list(weight.shape), torch.float32, weight.data, weight.scale, weight.absmax, [], [])
     )
 
 

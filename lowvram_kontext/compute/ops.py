@@ -10,10 +10,9 @@ dequantized weight is a tensor of the graph, made one of two ways:
   runs ``QuantizedTensor.dequantize``: the fused kernel on CUDA, the PyTorch path elsewhere.
 
 A layer with LoRAs adds their low-rank updates into the dequantized weight. For the custom op's
-formats that happens inside a second op, ``lowvram_kontext::dequantize_low_rank``, in place on the
-op's own fresh tensor (one read and one write of the weight, cuBLAS's ``addmm_``): written in the
-graph, the compiler would make ``W + up @ down`` a product tensor of the weight's size and an add,
-twice the memory traffic.
+formats that happens inside the op, in place on its own fresh tensor (one read and one write of the
+weight, cuBLAS's ``addmm_``): written in the graph, the compiler would make ``W + up @ down`` a
+product tensor of the weight's size and an add, twice the memory traffic.
 """
 
 from __future__ import annotations
@@ -32,37 +31,18 @@ def dequantize_op(
     data: torch.Tensor,
     scale: torch.Tensor | None,
     absmax: torch.Tensor | None,
-) -> torch.Tensor:
-    """The values of a ``format`` tensor of ``shape`` from its payload, as ``dtype``."""
-    return QuantizedTensor(format, torch.Size(shape), data, scale, absmax).dequantize(dtype)
-
-
-@dequantize_op.register_fake
-def _(
-    format: str, shape: list[int], dtype: torch.dtype, data: torch.Tensor, *payload: torch.Tensor | None
-) -> torch.Tensor:
-    return data.new_empty(shape, dtype=dtype)
-
-
-@torch.library.custom_op("lowvram_kontext::dequantize_low_rank", mutates_args=())
-def dequantize_low_rank_op(
-    format: str,
-    shape: list[int],
-    dtype: torch.dtype,
-    data: torch.Tensor,
-    scale: torch.Tensor | None,
-    absmax: torch.Tensor | None,
     ups: list[torch.Tensor],
     downs: list[torch.Tensor],
 ) -> torch.Tensor:
-    """``dequantize_op``'s values plus ``up @ down`` of each pair (factors in ``dtype``, strengths in ``up``)."""
+    """The values of a ``format`` tensor of ``shape`` from its payload, as ``dtype``, plus ``up @ down`` of
+    each pair of low-rank factors (in ``dtype``, strengths in ``up``), added in place."""
     weight = QuantizedTensor(format, torch.Size(shape), data, scale, absmax).dequantize(dtype)
     for up, down in zip(ups, downs, strict=True):
         weight.addmm_(up, down)
     return weight
 
 
-@dequantize_low_rank_op.register_fake
+@dequantize_op.register_fake
 def _(format: str, shape: list[int], dtype: torch.dtype, data: torch.Tensor, *rest: object) -> torch.Tensor:
     return data.new_empty(shape, dtype=dtype)
 
@@ -78,7 +58,5 @@ def dequantize_in_graph(
         for up, down in low_rank:
             weight = torch.addmm(weight, up, down)
         return weight
-    if not low_rank:
-        return dequantize_op(qt.format, list(qt.shape), dtype, qt.data, qt.scale, qt.absmax)
     ups, downs = [up for up, _ in low_rank], [down for _, down in low_rank]
-    return dequantize_low_rank_op(qt.format, list(qt.shape), dtype, qt.data, qt.scale, qt.absmax, ups, downs)
+    return dequantize_op(qt.format, list(qt.shape), dtype, qt.data, qt.scale, qt.absmax, ups, downs)
