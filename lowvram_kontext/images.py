@@ -118,6 +118,9 @@ def resize(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.resize((width, height), Image.Resampling.LANCZOS)
 
 
+PNG_COMPRESS_LEVEL = 1  # zlib's fastest: a megapixel result in about half the time of Pillow's 6, ~10% larger
+
+
 def save_png(img: Image.Image, path: Path, text: Mapping[str, str]) -> None:
     """Write a PNG with ``text`` in its metadata, atomically (temporary name, then rename)."""
     info = PngImagePlugin.PngInfo()
@@ -125,7 +128,7 @@ def save_png(img: Image.Image, path: Path, text: Mapping[str, str]) -> None:
         info.add_text(key, value)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        img.save(tmp, format="PNG", pnginfo=info)
+        img.save(tmp, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
         os.replace(tmp, path)
     except OSError as exc:
         raise KontextError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lowvram_kontext.images import BACKGROUND, as_rgb, load_image
+from lowvram_kontext.errors import KontextError
+from lowvram_kontext.images import BACKGROUND, as_rgb, load_image, save_png
 
 # The grey every mode below is filled with: 50% of its range (a viewer shows it mid-grey).
 MID = 128
@@ -87,3 +88,18 @@ def test_animation_uses_the_first_frame_and_says_so(tmp_path: Path) -> None:
     transparent.save(tmp_path / "clear.png")
     load_image(tmp_path / "clear.png", notes.append)
     assert notes[-1] == f"{tmp_path / 'clear.png'}: transparent areas are shown on white"
+
+
+def test_a_png_is_written_whole_with_its_metadata_or_not_at_all(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    path = tmp_path / "result.png"
+    save_png(image, path, {"prompt": "add a hat", "seed": "3"})
+    with Image.open(path) as written:
+        assert written.text == {"prompt": "add a hat", "seed": "3"}
+        assert np.array_equal(np.asarray(written), np.asarray(image))  # lossless at the fast level too
+    assert [p.name for p in tmp_path.iterdir()] == ["result.png"]  # no temporary file left beside it
+
+    with pytest.raises(KontextError, match="cannot write"):
+        save_png(image, tmp_path / "missing" / "result.png", {})
+    assert [p.name for p in tmp_path.iterdir()] == ["result.png"]
