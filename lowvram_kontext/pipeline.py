@@ -76,6 +76,10 @@ class PipelineStats:
     # Device bytes of components the stage's plan does not count, kept there from earlier stages.
     stage_kept_bytes: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Where the edit's time went, in order, accumulated by name: the stages, each move between host and
+    # device ("park NAME", "upload NAME", "load NAME"), the waits for the device before a stage, and the
+    # work around the stages. An edit's wall time less their sum is what no part names.
+    parts: dict[str, float] = field(default_factory=dict)
     load_seconds: dict[str, float] = field(default_factory=dict)  # per component
     step_seconds: list[float] = field(default_factory=list)  # each sampling step, synchronized
     bytes_streamed_per_step: int = 0
@@ -89,6 +93,12 @@ class PipelineStats:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _synchronize_compute(device: torch.device) -> None:
+    """Wait for the compute stream only: copies a streaming engine issued on its side stream go on."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 class KontextPipeline:
@@ -152,8 +162,11 @@ class KontextPipeline:
         self.components = Components(
             files, self.device, dtype, self.progress, plan, keep_weights, cache_dir, on_load=self._loaded,
             adapt=lambda name, model, layers: self.loras.apply(name, model, self.dtype, layers),
-            after_load=self._prepare,
+            after_load=self._prepare, on_move=self._add_part,
         )  # fmt: skip
+        # After an edit the allocator gives back its cached device memory (see ``settle``); a caller that
+        # settles at a better time (the page, once its queue is idle) turns this off.
+        self.settle_after_edit = True
 
     @property
     def plan(self) -> Plan | None:
@@ -167,6 +180,19 @@ class KontextPipeline:
 
     def _loaded(self, name: str, seconds: float) -> None:
         self.stats.load_seconds[name] = seconds
+        self._add_part(f"load {name}", seconds)
+
+    def _add_part(self, name: str, seconds: float) -> None:
+        self.stats.parts[name] = self.stats.parts.get(name, 0.0) + seconds
+
+    @contextmanager
+    def _part(self, name: str) -> Iterator[None]:
+        """Time the work in the block as the edit's part ``name`` (see ``PipelineStats.parts``)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._add_part(name, time.perf_counter() - start)
 
     def _prepare(self, name: str, model: nn.Module) -> None:
         """A component just loaded (its LoRAs on): the transformer's compute route, compiled blocks."""
@@ -234,7 +260,8 @@ class KontextPipeline:
     def _stage(self, name: str) -> Iterator[None]:
         """Run a stage: its time and its device peak go to ``stats`` and the progress line."""
         self.stats.stage_kept_bytes[name] = self.components.kept_bytes(name)
-        _synchronize(self.device)
+        with self._part(f"wait for the device before {name}"):  # earlier work; side-stream uploads go on
+            _synchronize_compute(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
@@ -242,6 +269,7 @@ class KontextPipeline:
             yield
             _synchronize(self.device)
         self.stats.stage_seconds[name] = time.perf_counter() - start
+        self._add_part(name, self.stats.stage_seconds[name])
         if self.device.type == "cuda":
             self.stats.stage_peak_bytes[name] = torch.cuda.max_memory_allocated(self.device)
 
@@ -253,14 +281,15 @@ class KontextPipeline:
     def encode_prompt(self, prompt: str) -> PromptEmbedding:
         """Run CLIP and T5 on the prompt (or take their output from the cache); both give their device
         memory back before returning unless the pipeline keeps weights under a plan."""
-        cache_key = self._prompt_key(prompt)
-        if cache_key is not None:
-            cached = self.prompt_cache.get(cache_key)
+        with self._part("prompt cache"):
+            cache_key = self._prompt_key(prompt)
+            cached = self.prompt_cache.get(cache_key) if cache_key is not None else None
             if cached is not None:
                 self.progress.say("prompt embedding: from the cache, text encoders skipped")
                 txt, vec = (t.to(self.device, self.dtype) for t in cached)
                 return PromptEmbedding(txt=txt, vec=vec)
-        clip_tokens, t5_tokens = (t.as_tensor(prompt).to(self.device) for t in self.tokenizers)
+        with self._part("tokenize"):
+            clip_tokens, t5_tokens = (t.as_tensor(prompt).to(self.device) for t in self.tokenizers)
         clip = self.components.acquire("clip", "clip")
         with self._stage("clip"):
             vec = clip(clip_tokens)
@@ -269,7 +298,9 @@ class KontextPipeline:
         with self._stage("t5"):
             txt = t5(t5_tokens)
         self.components.done_with("t5")
-        if cache_key is not None and not self.prompt_cache.put(cache_key, txt.cpu(), vec.cpu(), prompt=prompt):
+        with self._part("prompt cache"):
+            written = cache_key is None or self.prompt_cache.put(cache_key, txt.cpu(), vec.cpu(), prompt=prompt)
+        if not written:
             self.progress.say(f"prompt embedding: could not write the cache in {self.prompt_cache.folder}")
         return PromptEmbedding(txt=txt, vec=vec)
 
@@ -295,7 +326,8 @@ class KontextPipeline:
     @torch.inference_mode()
     def encode_condition(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """The condition image, resized and VAE-encoded, as packed tokens."""
-        pixels = images.to_tensor(images.resize(image, width, height)).to(self.device, self.dtype)
+        with self._part("prepare the image"):
+            pixels = images.to_tensor(images.resize(image, width, height)).to(self.device, self.dtype)
         vae = self.components.acquire("vae", "vae_encode")
         tile = self._vae_tile("vae_encode")
         with self._stage("vae_encode"):
@@ -325,20 +357,22 @@ class KontextPipeline:
         """Euler sampling from ``noise`` ([1, C, h, w]) given the condition tokens (and those of any
         reference images, appended after them); returns the latent."""
         latent_h, latent_w = noise.shape[-2:]
-        target = sampling.pack(noise.float())
-        # The condition is encoded at the target's size, so both share one grid of positions.
-        grids = [(latent_h // sampling.PACK, latent_w // sampling.PACK), *((r.rows, r.cols) for r in references)]
-        ids = torch.cat([sampling.position_ids(latent_h, latent_w, 0), sampling.condition_ids(grids)], dim=1)
-        ids = ids.to(self.device, self.dtype)
-        if references:
-            condition = torch.cat([condition, *(r.tokens for r in references)], dim=1)
-        txt_ids = torch.zeros(1, prompt.txt.shape[1], 3, device=self.device, dtype=self.dtype)
-        guidance_vec = torch.full((1,), guidance, device=self.device, dtype=self.dtype)
-        n_target = target.shape[1]
+        with self._part("prepare sampling"):
+            target = sampling.pack(noise.float())
+            # The condition is encoded at the target's size, so both share one grid of positions.
+            grids = [(latent_h // sampling.PACK, latent_w // sampling.PACK), *((r.rows, r.cols) for r in references)]
+            ids = torch.cat([sampling.position_ids(latent_h, latent_w, 0), sampling.condition_ids(grids)], dim=1)
+            ids = ids.to(self.device, self.dtype)
+            if references:
+                condition = torch.cat([condition, *(r.tokens for r in references)], dim=1)
+            txt_ids = torch.zeros(1, prompt.txt.shape[1], 3, device=self.device, dtype=self.dtype)
+            guidance_vec = torch.full((1,), guidance, device=self.device, dtype=self.dtype)
+            n_target = target.shape[1]
         transformer = self.components.acquire("transformer", "transformer")
         engine = self.components.engine("transformer")
         streamed_before = engine.bytes_streamed if engine is not None else 0
-        copies_before = len(engine.copy_times()) if engine is not None else 0
+        # Counted without waiting for the copies: the resident blocks' uploads go on beside the first step.
+        copies_before = engine.copies_issued() if engine is not None else 0
 
         times = sampling.schedule(steps, n_target)
         modulations: dict[float, torch.Tensor] = {}
@@ -372,10 +406,11 @@ class KontextPipeline:
             self.stats.compile_seconds = blocks.seconds
             self.stats.compile_cache_hits = sum(k.cache_hits for k in blocks.kinds)
         if engine is not None:
-            self.stats.bytes_streamed_per_step = (engine.bytes_streamed - streamed_before) // steps
-            copies = engine.copy_times()[copies_before:]
-            seconds = sum(c.seconds for c in copies)
-            self.stats.h2d_gbps = sum(c.nbytes for c in copies) / seconds / 1e9 if seconds > 0 else None
+            with self._part("sampling statistics"):  # waits for the next forward's first loads
+                self.stats.bytes_streamed_per_step = (engine.bytes_streamed - streamed_before) // steps
+                copies = engine.copy_times()[copies_before:]
+                seconds = sum(c.seconds for c in copies)
+                self.stats.h2d_gbps = sum(c.nbytes for c in copies) / seconds / 1e9 if seconds > 0 else None
         return sampling.unpack(tokens, latent_h, latent_w)
 
     def _modulations(
@@ -406,7 +441,8 @@ class KontextPipeline:
             else:
                 latent_tile = tile // vae.config.downsample_factor
                 pixels = decode_tiled(vae, z, latent_tile, _overlap(latent_tile, DECODE_OVERLAP))
-        return images.to_image(pixels)
+        with self._part("to image"):
+            return images.to_image(pixels)
 
     def release(self) -> None:
         """Free everything the pipeline holds, on the device and on the host."""
@@ -477,11 +513,15 @@ class KontextPipeline:
         condition = self.encode_condition(image, width, height)
         encoded = [self.encode_reference(reference, width, height) for reference in references]
         config = self._vae_config
-        noise = sampling.initial_noise(seed, height, width, config.z_channels, config.downsample_factor)
+        with self._part("prepare sampling"):
+            noise = sampling.initial_noise(seed, height, width, config.z_channels, config.downsample_factor)
         latent = self.sample(embedding, condition, noise, steps, guidance, encoded)
-        self.stats.latent_finite = bool(latent.isfinite().all())  # the decoded image would hide it
+        with self._part("check the latent"):
+            self.stats.latent_finite = bool(latent.isfinite().all())  # the decoded image would hide it
         result = self.decode(latent)
-        self.settle()
+        if self.settle_after_edit:
+            with self._part("settle"):
+                self.settle()
         return result
 
     def settle(self) -> None:

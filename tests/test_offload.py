@@ -564,3 +564,21 @@ def test_cuda_copies_overlap_compute(host):
     assert Step("load", 2, 0) in engine.trace
     assert still_computing == [True]
     engine.detach()
+
+
+@CUDA
+def test_cuda_kept_resident_blocks_arrive_on_the_side_stream_while_the_first_ones_compute():
+    """Every block resident (as T5 runs): attaching issues the uploads on the side stream and returns;
+    each block waits for its own copy, so results are exact on every attach, and detaching gives all back."""
+    expected = run(random_model("flux").cuda(), "cuda")
+    model = random_model("flux")
+    blocks = len(model_blocks(model))
+    before = torch.cuda.memory_allocated()
+    engine = stream_model(model, "cuda", StreamSettings(blocks, 1, host="pinned", keep_host=True))
+    for _ in range(3):
+        assert engine.copy_stream is not None and engine.copy_stream != torch.cuda.current_stream()
+        assert torch.equal(run(model, "cuda"), expected)
+        engine.detach()
+        assert torch.cuda.memory_allocated() == before
+        engine.attach()
+    engine.close()

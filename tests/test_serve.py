@@ -2,12 +2,15 @@
 the queue with several clients, bad uploads and requests, the token, the output filter, LoRA strengths."""
 
 import http.client
+import importlib.util
 import io
 import json
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -20,10 +23,13 @@ from lowvram_kontext.pipeline import KontextPipeline
 from lowvram_kontext.progress import Progress
 from lowvram_kontext.server.client import PageClient, PageError
 from lowvram_kontext.server.http import PageServer
+from lowvram_kontext.server.jobs import EditRequest, Events, Job, JobQueue
 from lowvram_kontext.tiny import TinyWeights
 from lowvram_kontext.weights.model_paths import ModelPaths
 
 from .page_server import SMALL, Recorder, client_of, png_bytes, running, serve_argv, write_lora
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -388,3 +394,61 @@ def test_a_start_strength_beyond_the_pages_range_is_refused(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "strength 6 is beyond what the page offers (-4 to 4)" in err
     assert not (tmp_path / "out").exists()
+
+
+def _gpu_check() -> ModuleType:
+    where = importlib.util.spec_from_file_location("serve_gpu_check", ROOT / "tools" / "serve_gpu_check.py")
+    module = importlib.util.module_from_spec(where)
+    where.loader.exec_module(module)
+    return module
+
+
+def test_an_edits_parts_add_up_to_the_wall_time_a_client_sees(page: PageServer) -> None:
+    client = client_of(page)
+    upload = client.upload(png_bytes(), "snowman.png")
+    sent = time.time()
+    done = client.wait(client.edit(upload["id"], "paint every part of it")["id"])  # a new prompt: encoders run
+    received = time.time()
+    assert done["status"] == "done", done["error"]
+    parts = _gpu_check().breakdown(done, sent, received)
+    assert sum(parts.values()) == pytest.approx(received - sent)
+    timings = done["timings"]
+    for stage, seconds in timings["stages"].items():  # every stage is a part of its own
+        assert parts[stage] == seconds
+    assert {"read the input", "prompt cache", "prepare the image", "write the PNG"} <= set(parts)
+    assert any(name.startswith("upload ") for name in parts) and any(name.startswith("park ") for name in parts)
+    # What no part names is what remains between them, never time counted twice.
+    assert parts["edit: not in a part"] >= 0 and parts["worker: not in a part"] >= -1e-3
+    assert timings["first_step"] > 0 and timings["later_steps"] > 0
+
+
+def test_the_idle_work_waits_for_a_quiet_queue() -> None:
+    ran: list[object] = []
+    idle, two_done = threading.Event(), threading.Event()
+
+    def run(job: Job) -> None:
+        ran.append(job.id)
+        job.update(status="done")
+        if len(ran) == 2:
+            two_done.set()
+
+    def on_idle() -> None:
+        ran.append("idle")
+        idle.set()
+
+    request = EditRequest(1, "add a hat", seed=0, steps=1, guidance=1.0)
+    patient = JobQueue(run, Events(), on_idle=on_idle, idle_seconds=3600)
+    patient.start()
+    first = patient.submit(request)
+    second = patient.submit(request)
+    assert two_done.wait(timeout=60)
+    patient.stop()
+    assert (first.status, second.status) == ("done", "done") and ran == [1, 2]  # one after the other, no idle work
+
+    ran.clear()
+    eager = JobQueue(run, Events(), on_idle=on_idle, idle_seconds=0)
+    eager.start()
+    eager.submit(request)
+    assert idle.wait(timeout=60)
+    eager.stop()
+    assert ran == [1, "idle"]

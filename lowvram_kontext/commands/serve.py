@@ -113,7 +113,7 @@ def page_server(args: argparse.Namespace) -> Iterator[PageServer]:
         loras = {lora.name: lora.strength for lora in pipeline.loras}
         defaults = Defaults(args.steps, args.guidance, args.seed, args.width, args.height, width * height, loras)
         editor = PageEditor(pipeline, progress, gallery, defaults, output_filter)
-        jobs = JobQueue(editor.run, Events())
+        jobs = JobQueue(editor.run, Events(), on_idle=editor.settle)
         info = {
             "version": __version__,
             "model": str(args.model or args.transformer),

@@ -22,9 +22,11 @@ be checked anywhere. Nothing is allocated on the device after ``attach``.
 
 With ``keep_host`` the engine can be detached and attached again cheaply, as successive edits need:
 resident blocks (and the model's tensors outside the blocks) are packed into host buffers too, and
-attaching uploads each with one copy. Weights never change, so detaching only points the modules
-back at their host copies and drops the device buffers: nothing is copied back, nothing re-packed,
-and pinned buffers stay pinned until ``close``.
+attaching uploads each with one copy. On CUDA those copies run on the side stream, in run order, and
+each resident block waits for its own copy only when it first runs: the first forward computes while
+later blocks are still arriving. Weights never change, so detaching only points the modules back at
+their host copies and drops the device buffers: nothing is copied back, nothing re-packed, and pinned
+buffers stay pinned until ``close``.
 
 Modules inside the blocks that the model runs apart from them (``lent``: FLUX's modulations, run once
 per edit for all its steps) are not part of their block's copies: each is packed into a host buffer of
@@ -37,6 +39,7 @@ loads, drops them and restarts the schedule at the block being run: slower, stil
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -122,6 +125,8 @@ class _Attachment:
 
     hooks: list[RemovableHandle] = field(default_factory=list)
     uploaded: list[Tensor] = field(default_factory=list)  # with keep_host: the resident copies on the device
+    # On CUDA with keep_host: each resident block's upload, until the block first waits for it.
+    upload_done: list[torch.cuda.Event | None] = field(default_factory=list)
     slots: list[Tensor] = field(default_factory=list)
     slot_views: list[list[list[Tensor]]] = field(default_factory=list)  # [streamed position][slot]: its tensors
     loader: ThreadPoolExecutor | None = None
@@ -232,6 +237,13 @@ class StreamingEngine:
         """Device bytes the engine holds while attached: slots, resident blocks, tensors outside the blocks."""
         return self.slots * self.slot_bytes + self.resident_bytes + self.outside_bytes
 
+    def copies_issued(self) -> int:
+        """How many copies ``copy_times`` will list once those issued so far land; waits for none to land."""
+        a = self._attachment
+        for _, _, copy in a.queue if a is not None else ():
+            copy.result()  # the loader thread has issued it (and, with ``measure``, noted its timing)
+        return len(self._timings)
+
     def copy_times(self) -> list[CopyTime]:
         """Every copy issued so far (with ``measure``), in order; waits for those in flight."""
         self.wait_for_loads()
@@ -249,7 +261,7 @@ class StreamingEngine:
             self._pack()
         a = self._attachment = _Attachment()
         if self.settings.keep_host:
-            a.uploaded = [self._upload(p) for p in self._resident]
+            self._upload_kept(a)
             self.outside_bytes, *block_bytes = (p.layout.nbytes for p in self._resident)
             self.resident_bytes = sum(block_bytes)
         else:
@@ -347,12 +359,42 @@ class StreamingEngine:
         trim_heap()
         return nbytes
 
-    def _upload(self, packed: _Packed) -> Tensor:
-        """One copy of ``packed``'s host buffer to the device; its tensors then view the device copy."""
+    def _upload_kept(self, a: _Attachment) -> None:
+        """With ``keep_host``: one copy per packed group (outside tensors first, then the resident blocks in
+        run order). On CUDA they are issued on the side stream: the compute stream waits for the outside
+        tensors now, and for each resident block's copy in a pre-hook, so compute starts before all is there."""
+        if not self._cuda:
+            a.uploaded = [self._upload(p) for p in self._resident]
+            return
+        compute = torch.cuda.current_stream(self.device)
+        a.copy_stream = torch.cuda.Stream(self.device)
+        a.copy_stream.wait_stream(compute)  # the buffers may reuse memory the compute stream just gave back
+        events = []
+        for packed in self._resident:
+            a.uploaded.append(self._upload(packed, a.copy_stream))
+            events.append(torch.cuda.Event())
+            events[-1].record(a.copy_stream)
+        compute.wait_event(events[0])  # the tensors outside the blocks are used before any block runs
+        a.upload_done = events[1:]
+        for index, block in enumerate(self.blocks[: self.resident]):
+            a.hooks.append(block.register_forward_pre_hook(partial(self._await_upload, index)))
+
+    def _upload(self, packed: _Packed, stream: torch.cuda.Stream | None = None) -> Tensor:
+        """One copy of ``packed``'s host buffer to the device, on ``stream`` when given; its tensors then view
+        the device copy. The buffer is allocated on the current stream, which uses it."""
         buffer = torch.empty(packed.layout.nbytes, dtype=torch.uint8, device=self.device)
-        buffer.copy_(packed.host, non_blocking=packed.tier == "pinned")  # the host copy never changes
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            buffer.copy_(packed.host, non_blocking=packed.tier == "pinned")  # the host copy never changes
         packed.layout.point(packed.layout.views(buffer))
         return buffer
+
+    def _await_upload(self, index: int, module: nn.Module, args: object) -> None:
+        """Before resident block ``index`` runs: the compute stream waits for its upload (the first time)."""
+        a = self._attachment
+        event = a.upload_done[index]
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            a.upload_done[index] = None
 
     def _setup_copies(self, a: _Attachment) -> None:
         """The loader thread and, on CUDA, the copy stream, the slots' events and the staging ring."""
@@ -360,7 +402,8 @@ class StreamingEngine:
         a.loader = ThreadPoolExecutor(1, thread_name_prefix="kontext-loader", **thread)
         if not self._cuda:
             return
-        a.copy_stream = torch.cuda.Stream(self.device)
+        if a.copy_stream is None:  # with keep_host the resident uploads made it: loads queue behind them
+            a.copy_stream = torch.cuda.Stream(self.device)
         a.copied = [torch.cuda.Event() for _ in range(self.slots)]
         a.freed = [torch.cuda.Event() for _ in range(self.slots)]
         count = STAGING_BUFFERS if any(s.tier != "pinned" for s in self._streamed) else 0
@@ -379,8 +422,8 @@ class StreamingEngine:
             return
         for hook in a.hooks:
             hook.remove()
+        self.wait_for_loads()  # resident uploads included: their buffers are freed below
         if self._streamed:
-            self.wait_for_loads()
             self._release_active()
             a.loader.shutdown()
         for packed in self._resident:

@@ -7,6 +7,7 @@ output, running out of memory (after the pipeline's own retry), a cancellation, 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 import traceback
 from collections.abc import Iterator
@@ -88,6 +89,9 @@ class PageEditor:
         self.gallery = gallery
         self.defaults = defaults
         self.output_filter = output_filter
+        # The allocator's cache is given back once the queue is idle (``settle``), not inside every edit,
+        # where it would hold up the result and make the next edit map the memory again.
+        pipeline.settle_after_edit = False
 
     def run(self, job: Job) -> None:
         """Run ``job`` to its end: done with a result, cancelled, or failed with one line saying why."""
@@ -112,11 +116,16 @@ class PageEditor:
                 traceback.print_exc()
             self.pipeline.release()
             job.update(status="failed", error=f"unexpected {type(exc).__name__}: {exc}".splitlines()[0])
-        # After a failure too: the allocator gives back what the stopped edit held.
+        if job.status != "done":  # the allocator gives back what the stopped edit held
+            self.pipeline.settle()
+
+    def settle(self) -> None:
+        """The queue is idle: the allocator gives back its cached device memory (see ``KontextPipeline.settle``)."""
         self.pipeline.settle()
 
     def _edit(self, job: Job, parent: Entry) -> None:
         r = job.request
+        start = time.perf_counter()
         image = images.load_image(parent.path)
         width, height = self.pipeline.output_size(image, r.width, r.height)
         if width * height > self.defaults.max_pixels:
@@ -128,21 +137,32 @@ class PageEditor:
             self.pipeline.set_lora_strength(name, strength)
         editor = Editor(self.pipeline, r.steps, r.guidance, r.seed, width, height, self.output_filter)
         self.pipeline.stats = PipelineStats()  # this edit's stages only
-        start = time.perf_counter()
+        prepared = time.perf_counter()
         result = editor.edit(image, r.prompt)
         edited = time.perf_counter()
         number, path = self.gallery.result_path(r.prompt)
         editor.write(result, path, (*parent.prompts, r.prompt), parent.source)
+        written = time.perf_counter()
         settings = {
             "seed": r.seed, "steps": r.steps, "guidance": r.guidance, "width": width, "height": height,
             "loras": r.loras,
         }  # fmt: skip
         entry = self.gallery.add_result(number, path, parent, r.prompt, result.size, settings)
-        stages = dict(self.pipeline.stats.stage_seconds)
+        stats = self.pipeline.stats
+        stages = dict(stats.stage_seconds)
+        parts = {"read the input": prepared - start, **stats.parts}
+        parts["edit: not in a part"] = edited - prepared - sum(stats.parts.values())
+        parts["write the PNG"] = written - edited
+        parts["record the result"] = time.perf_counter() - written
         timings = {
-            "edit": edited - start,
-            "write": time.perf_counter() - edited,
+            "edit": edited - prepared,
+            "write": written - edited,
             "stages": stages,
             "sampling_decode": stages.get("transformer", 0.0) + stages.get("vae_decode", 0.0),
+            "parts": parts,  # the job's time on the worker, in order; they add up to it
+            "first_step": stats.step_seconds[0] if stats.step_seconds else None,
+            "later_steps": statistics.median(stats.step_seconds[1:]) if len(stats.step_seconds) > 1 else None,
         }
-        job.update(status="done", result=entry.number, timings=timings, message=f"wrote {path.name}")
+        job.update(
+            status="done", result=entry.number, timings=timings, message=f"wrote {path.name}", finished_at=time.time()
+        )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FINISHED = ("done", "failed", "cancelled")
+IDLE_SECONDS = 10.0  # with nothing queued this long after an edit, the queue is idle (see JobQueue)
 KEEP_FINISHED = 200  # finished jobs remembered for late listeners; older ones are forgotten
 LISTENER_BACKLOG = 1000  # events a listener may fall behind before it is dropped (a page reconnects)
 
@@ -126,11 +127,21 @@ class JobQueue:
     """Runs jobs one at a time on a worker thread with ``run(job)``, which reports through ``job.update``.
 
     ``run`` sets the job's final status itself; should it raise all the same, the job fails with
-    the exception's first line and the worker goes on with the next job.
+    the exception's first line and the worker goes on with the next job. ``on_idle()`` runs on the
+    worker once nothing has been queued for ``idle_seconds`` after a job: edits asked for in a row
+    do not wait for it.
     """
 
-    def __init__(self, run: Callable[[Job], None], events: Events):
+    def __init__(
+        self,
+        run: Callable[[Job], None],
+        events: Events,
+        on_idle: Callable[[], None] = lambda: None,
+        idle_seconds: float = IDLE_SECONDS,
+    ):
         self._run = run
+        self._on_idle = on_idle
+        self.idle_seconds = idle_seconds
         self.events = events
         self._jobs: dict[int, Job] = {}
         self._waiting: collections.deque[Job] = collections.deque()
@@ -192,13 +203,21 @@ class JobQueue:
             del self._jobs[number]
 
     def _work(self) -> None:
+        idle = True  # on_idle has run since the last job
         while True:
             with self._changed:
-                while not self._waiting and not self._stopping:
-                    self._changed.wait()
+                busy = self._changed.wait_for(
+                    lambda: bool(self._waiting) or self._stopping, timeout=None if idle else self.idle_seconds
+                )
                 if self._stopping:
                     return
-                job = self._running = self._waiting.popleft()
+                if busy:
+                    job = self._running = self._waiting.popleft()
+            if not busy:
+                self._on_idle()
+                idle = True
+                continue
+            idle = False
             job.update(status="running", ahead=None, started_at=time.time())
             self._tell_positions()
             try:
