@@ -577,7 +577,7 @@ def test_cuda_kept_resident_blocks_arrive_on_the_side_stream_while_the_first_one
     engine = stream_model(model, "cuda", StreamSettings(blocks, 1, host="pinned", keep_host=True))
     for _ in range(3):
         assert engine.copy_stream is not None and engine.copy_stream != torch.cuda.current_stream()
-        assert torch.equal(run(model, "cuda"), expected)
+        assert torch.equal(run(model, "cuda", engine), expected)
         engine.detach()
         assert torch.cuda.memory_allocated() == before
         engine.attach()

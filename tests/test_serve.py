@@ -22,6 +22,7 @@ from lowvram_kontext.errors import Cancelled
 from lowvram_kontext.pipeline import KontextPipeline
 from lowvram_kontext.progress import Progress
 from lowvram_kontext.server.client import PageClient, PageError
+from lowvram_kontext.server.gallery import DECODED_RESULTS, Gallery, session_folder
 from lowvram_kontext.server.http import PageServer
 from lowvram_kontext.server.jobs import EditRequest, Events, Job, JobQueue
 from lowvram_kontext.tiny import TinyWeights
@@ -452,3 +453,22 @@ def test_the_idle_work_waits_for_a_quiet_queue() -> None:
     assert idle.wait(timeout=60)
     eager.stop()
     assert ran == [1, "idle"]
+
+
+def test_recent_results_are_kept_decoded_exactly_as_their_files_hold_them(tmp_path: Path) -> None:
+    """An edit continuing from a recent result starts from the image kept in memory (no PNG to decode),
+    pixel for pixel the file; older ones are read from their files again."""
+    gallery = Gallery(session_folder(tmp_path))
+    upload = gallery.add_upload(png_bytes(), "snowman.png")
+    rng = np.random.default_rng(0)
+    made, entries = [], []
+    for index in range(DECODED_RESULTS + 1):
+        number, path = gallery.result_path(f"edit {index}")
+        made.append(Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)))
+        images.save_png(made[-1], path, {"prompt": f"edit {index}"})
+        entries.append(gallery.add_result(number, path, upload, f"edit {index}", made[-1], {}))
+    for entry in entries:
+        assert np.array_equal(np.asarray(gallery.image(entry)), np.asarray(images.load_image(entry.path)))
+    assert all(gallery.image(entry) is image for entry, image in zip(entries[1:], made[1:], strict=True))
+    assert gallery.image(entries[0]) is not made[0]  # beyond the kept ones: read from its file
+    assert np.array_equal(np.asarray(gallery.image(upload)), np.asarray(images.load_image(upload.path)))

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import images
 from ..errors import Cancelled, KontextError
 from ..pipeline import KontextPipeline, PipelineStats
 from ..progress import Progress
@@ -126,7 +125,7 @@ class PageEditor:
     def _edit(self, job: Job, parent: Entry) -> None:
         r = job.request
         start = time.perf_counter()
-        image = images.load_image(parent.path)
+        image = self.gallery.image(parent)
         width, height = self.pipeline.output_size(image, r.width, r.height)
         if width * height > self.defaults.max_pixels:
             raise KontextError(
@@ -147,7 +146,7 @@ class PageEditor:
             "seed": r.seed, "steps": r.steps, "guidance": r.guidance, "width": width, "height": height,
             "loras": r.loras,
         }  # fmt: skip
-        entry = self.gallery.add_result(number, path, parent, r.prompt, result.size, settings)
+        entry = self.gallery.add_result(number, path, parent, r.prompt, result, settings)
         stats = self.pipeline.stats
         stages = dict(stats.stage_seconds)
         parts = {"read the input": prepared - start, **stats.parts}

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from .. import images, workflow
 from ..errors import KontextError
 
 MAX_UPLOAD_BYTES = 64 * 2**20
+# Results kept decoded, newest first: the next edit usually continues from the last one or its parent,
+# and decoding a megapixel PNG again costs about 60 ms of that edit.
+DECODED_RESULTS = 4
 MAX_UPLOAD_PIXELS = images.MAX_INPUT_PIXELS
 # The kinds of image a browser shows, by Pillow's name: (media type, file suffix, leading bytes).
 UPLOAD_KINDS: dict[str, tuple[str, str, tuple[bytes, ...]]] = {
@@ -125,6 +129,7 @@ class Gallery:
     def __init__(self, folder: Path):
         self.folder = folder.resolve()
         self._entries: dict[int, Entry] = {}
+        self._decoded: OrderedDict[int, Image.Image] = OrderedDict()  # results as written, most recent last
         self._last = 0
         self._lock = threading.Lock()
 
@@ -160,14 +165,29 @@ class Gallery:
         return number, images.unused_path(self.folder / f"{number:03d}-{workflow.slug(prompt)}.png")
 
     def add_result(
-        self, number: int, path: Path, parent: Entry, prompt: str, size: tuple[int, int], settings: dict[str, Any]
+        self, number: int, path: Path, parent: Entry, prompt: str, image: Image.Image, settings: dict[str, Any]
     ) -> Entry:
-        """Record a result written at ``path`` (by ``result_path``), made from ``parent`` by ``prompt``."""
+        """Record a result ``image`` written losslessly at ``path`` (by ``result_path``), made from ``parent``
+        by ``prompt``; the image is kept decoded for the edits that continue from it (``image``)."""
         entry = Entry(
-            number, "result", path, "image/png", *size, source=parent.source, parent=parent.number,
+            number, "result", path, "image/png", *image.size, source=parent.source, parent=parent.number,
             prompts=(*parent.prompts, prompt), settings=settings,
         )  # fmt: skip
+        with self._lock:
+            self._decoded[number] = image
+            while len(self._decoded) > DECODED_RESULTS:
+                self._decoded.popitem(last=False)
         return self._add(entry)
+
+    def image(self, entry: Entry) -> Image.Image:
+        """The pixels of ``entry`` as an edit starts from them: a recent result as it was written, anything
+        else read from its file as the command line reads an input."""
+        with self._lock:
+            kept = self._decoded.get(entry.number)
+            if kept is not None:
+                self._decoded.move_to_end(entry.number)
+                return kept
+        return images.load_image(entry.path)
 
     def get(self, number: int) -> Entry | None:
         with self._lock:
