@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -140,3 +141,16 @@ def test_the_matmul_rate_is_measured_once_per_card(tmp_path: Path) -> None:
     slow = HOST.with_card(find_gpu("RTX 2060"))
     measured = replace(slow, matmul_tflops=21.5)
     assert card_slowdown(slow) > card_slowdown(measured) > 1
+
+
+def test_the_readmes_card_table_is_what_the_planner_says() -> None:
+    """Every row of the README's per-card table is the plan `tools/gpu_plans_table.py` makes today."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_plans_table", root / "tools" / "gpu_plans_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    names = {card.name for card in GPUS} | {f"{card.name} (512x512)" for card in GPUS}
+    readme = (root / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and line.split(" | ")[0][2:] in names]
+    expected = [tool.row(card, 32 * GIB) for card in GPUS]
+    assert rows == expected, "README.md's card table is stale: paste the output of tools/gpu_plans_table.py"
