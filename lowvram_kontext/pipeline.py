@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +28,9 @@ from .lora import Lora, LoraSpec, LoraStack
 from .lora import apply as lora_apply
 from .lora import attach as attach_lora
 from .models.autoencoder import AutoEncoderConfig
-from .models.flux import FluxTransformer
-from .offload import StreamingEngine
 from .offload.streaming import model_blocks
 from .paths import cache_dir as default_cache_dir
+from .pipeline_stats import PipelineStats
 from .planner import Plan
 from .progress import Progress
 from .prompt_cache import PromptCache, encoder_identity
@@ -66,28 +65,6 @@ class Reference:
     tokens: torch.Tensor  # [1, rows * cols, channels]
     rows: int
     cols: int
-
-
-@dataclass
-class PipelineStats:
-    """What the last run of each stage cost (device figures are zero on a CPU)."""
-
-    stage_peak_bytes: dict[str, int] = field(default_factory=dict)  # allocator peak per stage
-    # Device bytes of components the stage's plan does not count, kept there from earlier stages.
-    stage_kept_bytes: dict[str, int] = field(default_factory=dict)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    # Where the edit's time went, in order, accumulated by name: the stages, each move between host and
-    # device ("park NAME", "upload NAME", "load NAME"), the waits for the device before a stage, and the
-    # work around the stages. An edit's wall time less their sum is what no part names.
-    parts: dict[str, float] = field(default_factory=dict)
-    load_seconds: dict[str, float] = field(default_factory=dict)  # per component
-    step_seconds: list[float] = field(default_factory=list)  # each sampling step, synchronized
-    bytes_streamed_per_step: int = 0
-    h2d_gbps: float | None = None  # achieved by the transformer's block copies
-    latent_finite: bool | None = None  # the last edit's sampled latent had no inf or nan
-    route: str | None = None  # the transformer's compute route (see compute.routes)
-    compile_seconds: float | None = None  # the transformer's compiled block kinds' first calls; None: eager
-    compile_cache_hits: int = 0  # graphs of them loaded from the on-disk cache
 
 
 def _synchronize(device: torch.device) -> None:
@@ -162,7 +139,7 @@ class KontextPipeline:
         self.components = Components(
             files, self.device, dtype, self.progress, plan, keep_weights, cache_dir, on_load=self._loaded,
             adapt=lambda name, model, layers: self.loras.apply(name, model, self.dtype, layers),
-            after_load=self._prepare, on_move=self._add_part,
+            after_load=self._prepare, on_move=lambda what, seconds: self.stats.add_part(what, seconds),
         )  # fmt: skip
         # After an edit the allocator gives back its cached device memory (see ``settle``); a caller that
         # settles at a better time (the page, once its queue is idle) turns this off.
@@ -180,19 +157,7 @@ class KontextPipeline:
 
     def _loaded(self, name: str, seconds: float) -> None:
         self.stats.load_seconds[name] = seconds
-        self._add_part(f"load {name}", seconds)
-
-    def _add_part(self, name: str, seconds: float) -> None:
-        self.stats.parts[name] = self.stats.parts.get(name, 0.0) + seconds
-
-    @contextmanager
-    def _part(self, name: str) -> Iterator[None]:
-        """Time the work in the block as the edit's part ``name`` (see ``PipelineStats.parts``)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._add_part(name, time.perf_counter() - start)
+        self.stats.add_part(f"load {name}", seconds)
 
     def _prepare(self, name: str, model: nn.Module) -> None:
         """A component just loaded (its LoRAs on): the transformer's compute route, compiled blocks."""
@@ -260,7 +225,7 @@ class KontextPipeline:
     def _stage(self, name: str) -> Iterator[None]:
         """Run a stage: its time and its device peak go to ``stats`` and the progress line."""
         self.stats.stage_kept_bytes[name] = self.components.kept_bytes(name)
-        with self._part(f"wait for the device before {name}"):  # earlier work; side-stream uploads go on
+        with self.stats.part(f"wait for the device before {name}"):  # earlier work; side-stream uploads go on
             _synchronize_compute(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -269,7 +234,7 @@ class KontextPipeline:
             yield
             _synchronize(self.device)
         self.stats.stage_seconds[name] = time.perf_counter() - start
-        self._add_part(name, self.stats.stage_seconds[name])
+        self.stats.add_part(name, self.stats.stage_seconds[name])
         if self.device.type == "cuda":
             self.stats.stage_peak_bytes[name] = torch.cuda.max_memory_allocated(self.device)
 
@@ -281,14 +246,14 @@ class KontextPipeline:
     def encode_prompt(self, prompt: str) -> PromptEmbedding:
         """Run CLIP and T5 on the prompt (or take their output from the cache); both give their device
         memory back before returning unless the pipeline keeps weights under a plan."""
-        with self._part("prompt cache"):
+        with self.stats.part("prompt cache"):
             cache_key = self._prompt_key(prompt)
             cached = self.prompt_cache.get(cache_key) if cache_key is not None else None
             if cached is not None:
                 self.progress.say("prompt embedding: from the cache, text encoders skipped")
                 txt, vec = (t.to(self.device, self.dtype) for t in cached)
                 return PromptEmbedding(txt=txt, vec=vec)
-        with self._part("tokenize"):
+        with self.stats.part("tokenize"):
             clip_tokens, t5_tokens = (t.as_tensor(prompt).to(self.device) for t in self.tokenizers)
         clip = self.components.acquire("clip", "clip")
         with self._stage("clip"):
@@ -298,7 +263,7 @@ class KontextPipeline:
         with self._stage("t5"):
             txt = t5(t5_tokens)
         self.components.done_with("t5")
-        with self._part("prompt cache"):
+        with self.stats.part("prompt cache"):
             written = cache_key is None or self.prompt_cache.put(cache_key, txt.cpu(), vec.cpu(), prompt=prompt)
         if not written:
             self.progress.say(f"prompt embedding: could not write the cache in {self.prompt_cache.folder}")
@@ -316,17 +281,17 @@ class KontextPipeline:
 
     def output_size(self, image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
         """The (width, height) to edit ``image`` at (see ``output_size``)."""
-        return output_size(image, width, height, self.vae_grid)
+        return sampling.output_size(image, width, height, self.vae_grid)
 
     @property
     def vae_grid(self) -> int:
         """Image sides must be multiples of this (see ``vae_grid``)."""
-        return vae_grid(self._vae_config)
+        return sampling.vae_grid(self._vae_config)
 
     @torch.inference_mode()
     def encode_condition(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """The condition image, resized and VAE-encoded, as packed tokens."""
-        with self._part("prepare the image"):
+        with self.stats.part("prepare the image"):
             pixels = images.to_tensor(images.resize(image, width, height)).to(self.device, self.dtype)
         vae = self.components.acquire("vae", "vae_encode")
         tile = self._vae_tile("vae_encode")
@@ -357,7 +322,7 @@ class KontextPipeline:
         """Euler sampling from ``noise`` ([1, C, h, w]) given the condition tokens (and those of any
         reference images, appended after them); returns the latent."""
         latent_h, latent_w = noise.shape[-2:]
-        with self._part("prepare sampling"):
+        with self.stats.part("prepare sampling"):
             target = sampling.pack(noise.float())
             # The condition is encoded at the target's size, so both share one grid of positions.
             grids = [(latent_h // sampling.PACK, latent_w // sampling.PACK), *((r.rows, r.cols) for r in references)]
@@ -375,7 +340,7 @@ class KontextPipeline:
         copies_before = engine.copies_issued() if engine is not None else 0
 
         times = sampling.schedule(steps, n_target)
-        modulations: dict[float, torch.Tensor] = {}
+        modulations: dict[float, torch.Tensor] = {}  # each step's, by its time
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             img = torch.cat([x.to(self.dtype), condition], dim=1)
@@ -396,7 +361,12 @@ class KontextPipeline:
             f"sampling {steps} steps, {n_target} target + {condition.shape[1]} condition tokens{with_refs}"
         )
         with self._stage("transformer"):
-            modulations.update(self._modulations(transformer, engine, times[:-1], prompt.vec, guidance_vec))
+            # Every block's modulation at every step, in one pass over the modulation weights (lent to the
+            # device one module at a time when they stream), kept on the host.
+            t = torch.tensor(times[:-1], device=self.device, dtype=self.dtype)
+            vec = transformer.vector(t, prompt.vec.to(self.dtype).expand(len(t), -1), guidance_vec.expand(len(t)))
+            rows = transformer.modulations(vec, engine.lent if engine is not None else None).cpu()
+            modulations.update(zip(times[:-1], rows.split(1), strict=True))
             step_ends.append(time.perf_counter())
             tokens = sampling.euler(velocity, target.to(self.device), times, on_step=on_step)
         step_seconds = [end - start for start, end in zip(step_ends[:-1], step_ends[1:], strict=True)]
@@ -406,27 +376,12 @@ class KontextPipeline:
             self.stats.compile_seconds = blocks.seconds
             self.stats.compile_cache_hits = sum(k.cache_hits for k in blocks.kinds)
         if engine is not None:
-            with self._part("sampling statistics"):  # waits for the next forward's first loads
+            with self.stats.part("sampling statistics"):  # waits for the next forward's first loads
                 self.stats.bytes_streamed_per_step = (engine.bytes_streamed - streamed_before) // steps
                 copies = engine.copy_times()[copies_before:]
                 seconds = sum(c.seconds for c in copies)
                 self.stats.h2d_gbps = sum(c.nbytes for c in copies) / seconds / 1e9 if seconds > 0 else None
         return sampling.unpack(tokens, latent_h, latent_w)
-
-    def _modulations(
-        self,
-        transformer: FluxTransformer,
-        engine: StreamingEngine | None,
-        times: Sequence[float],
-        pooled: torch.Tensor,
-        guidance: torch.Tensor,
-    ) -> dict[float, torch.Tensor]:
-        """Every block's modulation at each step's time, computed in one pass over the modulation weights
-        (lent to the device one module at a time when they stream): host rows ``[1, total]`` by time."""
-        t = torch.tensor(times, device=self.device, dtype=self.dtype)
-        vec = transformer.vector(t, pooled.to(self.dtype).expand(len(times), -1), guidance.expand(len(times)))
-        rows = transformer.modulations(vec, engine.lent if engine is not None else None).cpu()
-        return dict(zip(times, rows.split(1), strict=True))
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> Image.Image:
@@ -441,7 +396,7 @@ class KontextPipeline:
             else:
                 latent_tile = tile // vae.config.downsample_factor
                 pixels = decode_tiled(vae, z, latent_tile, _overlap(latent_tile, DECODE_OVERLAP))
-        with self._part("to image"):
+        with self.stats.part("to image"):
             return images.to_image(pixels)
 
     def release(self) -> None:
@@ -513,14 +468,14 @@ class KontextPipeline:
         condition = self.encode_condition(image, width, height)
         encoded = [self.encode_reference(reference, width, height) for reference in references]
         config = self._vae_config
-        with self._part("prepare sampling"):
+        with self.stats.part("prepare sampling"):
             noise = sampling.initial_noise(seed, height, width, config.z_channels, config.downsample_factor)
         latent = self.sample(embedding, condition, noise, steps, guidance, encoded)
-        with self._part("check the latent"):
+        with self.stats.part("check the latent"):
             self.stats.latent_finite = bool(latent.isfinite().all())  # the decoded image would hide it
         result = self.decode(latent)
         if self.settle_after_edit:
-            with self._part("settle"):
+            with self.stats.part("settle"):
                 self.settle()
         return result
 
@@ -534,20 +489,3 @@ class KontextPipeline:
 def vae_config(path: Path) -> AutoEncoderConfig:
     """The configuration of the VAE at ``path``, read without loading its weights."""
     return open_component(COMPONENTS["vae"], path)[0]
-
-
-def vae_grid(config: AutoEncoderConfig) -> int:
-    """Image sides must be multiples of this: VAE downsampling times the 2x2 packing."""
-    return config.downsample_factor * sampling.PACK
-
-
-def output_size(image: Image.Image, width: int | None, height: int | None, grid: int) -> tuple[int, int]:
-    """The (width, height) to edit at: the user's, rounded down to multiples of ``grid``, else the
-    preferred Kontext resolution for ``image``'s aspect ratio."""
-    if width is None and height is None:
-        return sampling.preferred_resolution(*image.size)
-    width = width or round(height * image.width / image.height)  # type: ignore[operator]
-    height = height or round(width * image.height / image.width)
-    if width < grid or height < grid:
-        raise KontextError(f"the output size must be at least {grid} pixels a side")
-    return width // grid * grid, height // grid * grid

@@ -13,6 +13,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from PIL import Image
+
+from .errors import KontextError
+from .models.autoencoder import AutoEncoderConfig
 
 # (width, height) pairs Kontext was trained on.
 PREFERRED_RESOLUTIONS: tuple[tuple[int, int], ...] = (
@@ -29,6 +33,23 @@ def preferred_resolution(width: int, height: int) -> tuple[int, int]:
     """The trained (width, height) whose aspect ratio is closest to the image's."""
     aspect = width / height
     return min(PREFERRED_RESOLUTIONS, key=lambda wh: abs(aspect - wh[0] / wh[1]))
+
+
+def vae_grid(config: AutoEncoderConfig) -> int:
+    """Image sides must be multiples of this: VAE downsampling times the 2x2 packing."""
+    return config.downsample_factor * PACK
+
+
+def output_size(image: Image.Image, width: int | None, height: int | None, grid: int) -> tuple[int, int]:
+    """The (width, height) to edit at: the user's, rounded down to multiples of ``grid``, else the
+    preferred Kontext resolution for ``image``'s aspect ratio."""
+    if width is None and height is None:
+        return preferred_resolution(*image.size)
+    width = width or round(height * image.width / image.height)  # type: ignore[operator]
+    height = height or round(width * image.height / image.width)
+    if width < grid or height < grid:
+        raise KontextError(f"the output size must be at least {grid} pixels a side")
+    return width // grid * grid, height // grid * grid
 
 
 def pack(latent: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from lowvram_kontext.models.autoencoder import AutoEncoderConfig
 from lowvram_kontext.models.clip import CLIPTextConfig
 from lowvram_kontext.models.flux import FluxConfig
 from lowvram_kontext.models.t5 import T5Config
-from lowvram_kontext.offload.engine import STAGING_BUFFERS, STAGING_CHUNK_BYTES
+from lowvram_kontext.offload.settings import STAGING_BUFFERS, STAGING_CHUNK_BYTES
 from lowvram_kontext.planner import (
     CALIBRATION,
     PROFILES_DIR,

@@ -19,10 +19,11 @@ from ..errors import KontextError
 from ..hardware import Machine, cap_allocator, format_size, usable_now
 from ..lora import LoraStack
 from ..paths import cache_dir
-from ..pipeline import DEFAULT_STEPS, KontextPipeline, output_size, vae_config, vae_grid
+from ..pipeline import DEFAULT_STEPS, KontextPipeline, vae_config
 from ..planner import ModelSizes, Plan, load_profiles, plan, transformer_activation_bytes
 from ..progress import Progress
 from ..prompt_cache import PromptCache
+from ..sampling import output_size, vae_grid
 from ..vae_tiling import decode_peak_bytes, encode_peak_bytes
 from ..workflow import Editor, OutputNames, Refused
 from .options import (

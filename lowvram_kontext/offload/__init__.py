@@ -5,8 +5,9 @@ lists its blocks with ``streamable_blocks()``); ``StreamingEngine`` works on any
 fixed order. See ``engine`` for the schedule and ``host`` for the tiers.
 """
 
-from .engine import CopyTime, Step, StreamingEngine, StreamSettings
+from .engine import StreamingEngine
 from .host import HOST_TIERS, plan_tiers, trim_heap
+from .settings import CopyTime, Step, StreamSettings
 from .streaming import BlockModel, model_blocks, stream_model
 from .tensors import HeldTensor, block_tensors
 

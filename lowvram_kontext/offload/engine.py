@@ -16,9 +16,11 @@ Loads are issued in run order, cyclically across forwards, each into the next sl
 
 Loads run in order on one loader thread, which keeps the compute thread free: a pinned block is one
 asynchronous copy on a side CUDA stream; a pageable or memory-mapped block is copied piecewise
-through a small ring of pinned staging buffers, the host-side copies running on the loader thread.
-On a CPU device the same schedule runs with plain copies into CPU slots, so results and order can
-be checked anywhere. Nothing is allocated on the device after ``attach``.
+through a small ring of pinned staging buffers (``settings``), the host-side copies on the loader
+thread. On a CPU device the same schedule runs with plain copies into CPU slots, so results and
+order can be checked anywhere. Nothing is allocated on the device after ``attach``. If blocks run in
+an unexpected order (a forward that raised half way, say) the engine waits for its loads, drops them
+and restarts the schedule at the block being run: slower, still exact.
 
 With ``keep_host`` the engine can be detached and attached again cheaply, as successive edits need:
 resident blocks (and the model's tensors outside the blocks) are packed into host buffers too, and
@@ -32,22 +34,17 @@ Modules inside the blocks that the model runs apart from them (``lent``: FLUX's 
 per edit for all its steps) are not part of their block's copies: each is packed into a host buffer of
 its own (in the streamed blocks' tier, after them for the pinned cap) and comes to the device only
 inside ``lent(module)``, one copy in and nothing back.
-
-If blocks run in an unexpected order (a forward that raised half way, say) the engine waits for its
-loads, drops them and restarts the schedule at the block being run: slower, still exact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -55,50 +52,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import KontextError
 from .host import HOST_TIERS, HostMemory, TierChoice, trim_heap
+from .settings import STAGING_BUFFERS, STAGING_CHUNK_BYTES, CopyTime, Step, StreamSettings, seconds_of, timing_event
 from .tensors import BlockLayout, HeldTensor, assign, block_tensors, check_materialized, module_tensors, pack
-
-STAGING_CHUNK_BYTES = 16 << 20
-STAGING_BUFFERS = 4
-
-
-@dataclass(frozen=True)
-class Step:
-    """One scheduling decision: ``action`` "load" (copy issued) or "run" (block about to compute)."""
-
-    action: str
-    block: int
-    slot: int
-
-
-@dataclass(frozen=True)
-class CopyTime:
-    """One block copy: its bytes and its duration in seconds (CUDA events on a GPU)."""
-
-    block: int
-    nbytes: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class StreamSettings:
-    """How an engine holds its blocks: the one settings object of ``StreamingEngine`` and ``stream_model``.
-
-    ``resident`` leading blocks stay on the device; the others stream through ``prefetch + 1`` slots.
-    ``host`` is the tier of the streamed blocks' host copies: "pinned" (pinned up to
-    ``pinned_cap_bytes``, pageable beyond; pageable on a CPU device), "pageable" or "mmap" (files
-    in ``cache_dir``). ``measure`` times every copy (see ``StreamingEngine.copy_times``); ``trace``
-    records the schedule; ``keep_host`` keeps host copies of everything so that detaching and
-    attaching again are cheap (see the module).
-    """
-
-    resident: int
-    prefetch: int = 1
-    host: str = "pinned"
-    pinned_cap_bytes: int | None = None
-    cache_dir: Path | None = None
-    measure: bool = False
-    trace: bool = False
-    keep_host: bool = False
 
 
 @dataclass
@@ -187,10 +142,7 @@ class StreamingEngine:
         self.slots = min(prefetch + 1, len(blocks) - resident)
         self.prefetch = max(self.slots - 1, 0)
         self.trace: list[Step] | None = [] if settings.trace else None
-        self.bytes_streamed = 0
-        self.resident_bytes = 0
-        self.outside_bytes = 0
-        self.slot_bytes = 0
+        self.bytes_streamed = self.resident_bytes = self.outside_bytes = self.slot_bytes = 0
         self._cuda = self.device.type == "cuda"
         self._streamed: list[_Streamed] = []
         self._resident: list[_Packed] = []  # with keep_host: outside, then the resident blocks
@@ -247,7 +199,7 @@ class StreamingEngine:
     def copy_times(self) -> list[CopyTime]:
         """Every copy issued so far (with ``measure``), in order; waits for those in flight."""
         self.wait_for_loads()
-        return [CopyTime(block, nbytes, _seconds(timing)) for block, nbytes, timing in self._timings]
+        return [CopyTime(block, nbytes, seconds_of(timing)) for block, nbytes, timing in self._timings]
 
     # ----- attaching
 
@@ -383,7 +335,7 @@ class StreamingEngine:
         """One copy of ``packed``'s host buffer to the device, on ``stream`` when given; its tensors then view
         the device copy. The buffer is allocated on the current stream, which uses it."""
         buffer = torch.empty(packed.layout.nbytes, dtype=torch.uint8, device=self.device)
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             buffer.copy_(packed.host, non_blocking=packed.tier == "pinned")  # the host copy never changes
         packed.layout.point(packed.layout.views(buffer))
         return buffer
@@ -525,12 +477,12 @@ class StreamingEngine:
         measure = self.settings.measure
         with torch.cuda.stream(a.copy_stream):
             a.copy_stream.wait_event(a.freed[slot])
-            start = _timing_event(a.copy_stream) if measure else None
+            start = timing_event(a.copy_stream) if measure else None
             if s.tier == "pinned":
                 target.copy_(s.host, non_blocking=True)
             else:
                 self._stage(a, s.host, target)
-            end = _timing_event(a.copy_stream) if measure else None
+            end = timing_event(a.copy_stream) if measure else None
             a.copied[slot].record(a.copy_stream)
         return start, end
 
@@ -544,17 +496,3 @@ class StreamingEngine:
             piece.copy_(source[begin : begin + piece.numel()])
             target[begin : begin + piece.numel()].copy_(piece, non_blocking=True)
             a.ring_free[index].record(a.copy_stream)
-
-
-def _timing_event(stream: torch.cuda.Stream) -> torch.cuda.Event:
-    event = torch.cuda.Event(enable_timing=True)
-    event.record(stream)
-    return event
-
-
-def _seconds(timing: object) -> float:
-    if isinstance(timing, float):
-        return timing
-    start, end = timing
-    end.synchronize()
-    return start.elapsed_time(end) / 1000

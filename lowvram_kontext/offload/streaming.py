@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..errors import KontextError
-from .engine import StreamingEngine, StreamSettings
+from .engine import StreamingEngine
+from .settings import StreamSettings
 from .tensors import check_materialized
 
 

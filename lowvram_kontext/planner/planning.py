@@ -53,8 +53,8 @@ import torch
 from ..compute import routes
 from ..errors import KontextError
 from ..hardware import GIB, Machine
-from ..offload.engine import STAGING_BUFFERS, STAGING_CHUNK_BYTES
 from ..offload.host import HOST_TIERS, plan_tiers
+from ..offload.settings import STAGING_BUFFERS, STAGING_CHUNK_BYTES
 from ..sampling import PACK
 from ..vae_tiling import choose_tile, decode_peak_bytes, encode_peak_bytes
 from ..weights.formats import codec

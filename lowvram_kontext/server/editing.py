@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import Cancelled, KontextError
-from ..pipeline import KontextPipeline, PipelineStats
+from ..pipeline import KontextPipeline
+from ..pipeline_stats import PipelineStats
 from ..progress import Progress
 from ..workflow import Editor, OutputFilter, Refused
 from .gallery import Entry, Gallery
