@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -68,8 +68,8 @@ class Components:
     tensors below the ``layers`` (names) just read, before they go anywhere (LoRAs): it hears of
     every layer once, blocks one at a time when the component streams. ``after_load(name, model)``
     may then mark the loaded model (routes, compiled forwards) but not add tensors: its streamed
-    blocks are packed already. ``on_move(what, seconds)`` hears of each move of a loaded component
-    between host and device ("park NAME", "upload NAME"), timed as issued (copies may run on after).
+    blocks are packed already. Each move of a loaded component between host and device ("park NAME",
+    "upload NAME") runs inside ``moving(what)``, which may time it as issued (copies may run on after).
     """
 
     def __init__(
@@ -84,7 +84,7 @@ class Components:
         on_load: Callable[[str, float], None] = lambda name, seconds: None,
         adapt: Callable[[str, nn.Module, set[str]], None] = lambda name, model, layers: None,
         after_load: Callable[[str, nn.Module], None] = lambda name, model: None,
-        on_move: Callable[[str, float], None] = lambda what, seconds: None,
+        moving: Callable[[str], AbstractContextManager] = lambda what: nullcontext(),
     ) -> None:
         self.files = dict(files)
         self.device = device
@@ -96,7 +96,7 @@ class Components:
         self.on_load = on_load
         self.adapt = adapt
         self.after_load = after_load
-        self.on_move = on_move
+        self.moving = moving
         self.pool = ScratchPool()
         self._held: dict[str, nn.Module] = {}  # loaded components, on the device or parked on the host
         self._engines: dict[str, StreamingEngine] = {}  # of components on the device, or parked with keep_weights
@@ -151,7 +151,7 @@ class Components:
         engine = self._engines.get(name)
         if engine is not None:
             if not engine.attached:
-                with self._moving(f"upload {name}"):
+                with self.moving(f"upload {name}"):
                     engine.attach()
             return self._held[name]
         planned = self._planned(name)
@@ -162,19 +162,12 @@ class Components:
             storage = planned.format if planned is not None else "file"
             model = self._held[name] = self._load(name, storage, settings)
         elif settings is not None:
-            with self._moving(f"upload {name}"):
+            with self.moving(f"upload {name}"):
                 self._engines[name] = stream_model(model, self.device, settings)
         if settings is None:
-            with self._moving(f"upload {name}"):
+            with self.moving(f"upload {name}"):
                 model.to(self.device)
         return model
-
-    @contextmanager
-    def _moving(self, what: str) -> Iterator[None]:
-        """Time the move in the block for ``on_move``."""
-        start = time.perf_counter()
-        yield
-        self.on_move(what, time.perf_counter() - start)
 
     def done_with(self, name: str, stay: bool = False) -> None:
         """A stage has finished with ``name``: its scratch goes, and so does its device memory unless
@@ -262,19 +255,18 @@ class Components:
         model = self._held.get(name)
         if model is None:
             return
-        start = time.perf_counter()
         self._on_device.discard(name)
         engine = self._engines.get(name)
-        if self.keep_weights:
-            # The allocator keeps the freed blocks for the next stage (and gives them back itself
-            # should an allocation not fit): emptying its cache would only map them again.
-            if engine is not None:
-                engine.detach()  # its tensors view their host copies again
+        with self.moving(f"park {name}"):
+            if self.keep_weights:
+                # The allocator keeps the freed blocks for the next stage (and gives them back itself
+                # should an allocation not fit): emptying its cache would only map them again.
+                if engine is not None:
+                    engine.detach()  # its tensors view their host copies again
+                else:
+                    model.to("cpu")
             else:
-                model.to("cpu")
-        else:
-            if engine is not None:
-                self._engines.pop(name).close()
-            del self._held[name]
-            free(model)
-        self.on_move(f"park {name}", time.perf_counter() - start)
+                if engine is not None:
+                    self._engines.pop(name).close()
+                del self._held[name]
+                free(model)

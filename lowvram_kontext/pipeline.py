@@ -139,7 +139,7 @@ class KontextPipeline:
         self.components = Components(
             files, self.device, dtype, self.progress, plan, keep_weights, cache_dir, on_load=self._loaded,
             adapt=lambda name, model, layers: self.loras.apply(name, model, self.dtype, layers),
-            after_load=self._prepare, on_move=lambda what, seconds: self.stats.add_part(what, seconds),
+            after_load=self._prepare, moving=lambda what: self.stats.part(what),
         )  # fmt: skip
         # After an edit the allocator gives back its cached device memory (see ``settle``); a caller that
         # settles at a better time (the page, once its queue is idle) turns this off.
