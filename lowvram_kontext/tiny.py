@@ -130,9 +130,7 @@ def _write_sharded(folder: Path, tensors: dict[str, torch.Tensor], shards: int =
         save_safetensors({n: tensors[n] for n in part}, folder / shard)
         weight_map.update(dict.fromkeys(part, shard))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    _write_json(
-        folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
-    )
+    _write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def write_diffusers_folder(root: Path, weights: TinyWeights) -> None:
@@ -154,9 +152,7 @@ def write_diffusers_folder(root: Path, weights: TinyWeights) -> None:
         root / "transformer" / "diffusion_pytorch_model.safetensors",
     )
     _write_json(root / "vae" / "config.json", vae_config_to_diffusers(TINY_VAE))
-    save_safetensors(
-        vae_to_diffusers(weights.vae, TINY_VAE), root / "vae" / "diffusion_pytorch_model.safetensors"
-    )
+    save_safetensors(vae_to_diffusers(weights.vae, TINY_VAE), root / "vae" / "diffusion_pytorch_model.safetensors")
     _write_json(root / "text_encoder" / "config.json", clip_config_to_transformers(weights.clip_config))
     save_safetensors(weights.clip, root / "text_encoder" / "model.safetensors")
     _write_json(root / "text_encoder_2" / "config.json", t5_config_to_transformers(weights.t5_config))

@@ -121,9 +121,7 @@ def write_tiny_clip_tokenizer(folder: Path, merges: int = 300) -> int:
     vocab = {token: i for i, token in enumerate(tokens)}
 
     _write_json(folder / "vocab.json", vocab)
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in learned), encoding="utf-8"
-    )
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in learned), encoding="utf-8")
     special = {"content": "", "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
     _write_json(
         folder / "special_tokens_map.json",
@@ -139,8 +137,7 @@ def write_tiny_clip_tokenizer(folder: Path, merges: int = 300) -> int:
         {
             "add_prefix_space": False,
             "added_tokens_decoder": {
-                str(vocab[token]): {**special, "content": token, "special": True}
-                for token in (CLIP_START, CLIP_END)
+                str(vocab[token]): {**special, "content": token, "special": True} for token in (CLIP_START, CLIP_END)
             },
             "bos_token": CLIP_START,
             "clean_up_tokenization_spaces": True,

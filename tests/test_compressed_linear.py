@@ -74,9 +74,7 @@ def test_plain_weight_of_the_input_dtype_is_used_without_a_copy():
 
 
 def tiny_mlp() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Linear(64, 128), nn.GELU(), nn.Sequential(nn.Linear(128, 32, bias=False)), nn.Linear(32, 8)
-    )
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Sequential(nn.Linear(128, 32, bias=False)), nn.Linear(32, 8))
 
 
 def test_replace_linears_in_a_sequential():

@@ -53,9 +53,7 @@ def _run_edit(tmp_path: Path, *args: str) -> Path:
 def test_edit_equals_diffusers_pipeline(tiny_root: Path, input_png: Path, tmp_path: Path) -> None:
     from diffusers import FluxKontextPipeline
 
-    out = _run_edit(
-        tmp_path, "--model", str(tiny_root / "diffusers"), "--image", str(input_png), "--prompt", PROMPT
-    )
+    out = _run_edit(tmp_path, "--model", str(tiny_root / "diffusers"), "--image", str(input_png), "--prompt", PROMPT)
     ours = np.asarray(Image.open(out).convert("RGB"), dtype=np.float64)
 
     pipe = FluxKontextPipeline.from_pretrained(str(tiny_root / "diffusers"), dtype=torch.float32)
@@ -80,9 +78,7 @@ def test_edit_equals_diffusers_pipeline(tiny_root: Path, input_png: Path, tmp_pa
     assert np.abs(ours - theirs).mean() < 1.0  # within 1/255 on average
 
 
-def test_single_files_give_the_same_image_as_the_folder(
-    tiny_root: Path, input_png: Path, tmp_path: Path
-) -> None:
+def test_single_files_give_the_same_image_as_the_folder(tiny_root: Path, input_png: Path, tmp_path: Path) -> None:
     common = ["--image", str(input_png), "--prompt", PROMPT]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -105,9 +101,7 @@ def test_single_files_give_the_same_image_as_the_folder(
 
 
 def test_output_records_the_edit_in_png_metadata(tiny_root: Path, input_png: Path, tmp_path: Path) -> None:
-    out = _run_edit(
-        tmp_path, "--model", str(tiny_root / "diffusers"), "--image", str(input_png), "--prompt", PROMPT
-    )
+    out = _run_edit(tmp_path, "--model", str(tiny_root / "diffusers"), "--image", str(input_png), "--prompt", PROMPT)
     text = Image.open(out).text
     assert text["prompt"] == PROMPT and text["seed"] == str(SEED) and text["steps"] == str(STEPS)
     assert text["guidance"] == "2.5" and text["width"] == text["height"] == str(SIZE)

@@ -87,9 +87,7 @@ def test_reads_every_type_from_the_gguf_writer(tmp_path):
     arrays = {}
     for i, type_name in enumerate(BLOCK_TYPES):
         arrays[f"q.{type_name}"] = random_blocks(type_name, (3, 256 * (1 + i % 2)), g).data.numpy()
-        writer.add_tensor(
-            f"q.{type_name}", arrays[f"q.{type_name}"], raw_dtype=GGMLQuantizationType[type_name]
-        )
+        writer.add_tensor(f"q.{type_name}", arrays[f"q.{type_name}"], raw_dtype=GGMLQuantizationType[type_name])
     floats = torch.randn(5, 7, generator=g)
     arrays["f.F32"] = floats.numpy()
     arrays["f.F16"] = floats.half().numpy()
@@ -109,9 +107,7 @@ def test_reads_every_type_from_the_gguf_writer(tmp_path):
         qt = ours.read(name)
         assert qt.format == name.split(".")[1]
         assert ours.tensors[name].offset % 64 == 0
-        np.testing.assert_array_equal(
-            qt.data.view(torch.uint8).numpy().reshape(-1), array.view(np.uint8).reshape(-1)
-        )
+        np.testing.assert_array_equal(qt.data.view(torch.uint8).numpy().reshape(-1), array.view(np.uint8).reshape(-1))
         reference = gguf.quants.dequantize(array.view(np.uint8), GGMLQuantizationType[qt.format])
         assert torch.equal(qt.dequantize(torch.float32), torch.from_numpy(np.ascontiguousarray(reference)))
 
@@ -177,10 +173,7 @@ def test_byte_count_mismatch(small_file):
     path, blob = small_file
     first_dims = tensor_info_at(blob, "first.weight") + 4
     message = broken(path, blob, first_dims, struct.pack("<Q", 96))  # rows of 96 need more bytes
-    assert (
-        "tensor second.bias is at data offset 288, expected 416 (where first.weight (Q8_0 [4, 96]) ends)"
-        in message
-    )
+    assert "tensor second.bias is at data offset 288, expected 416 (where first.weight (Q8_0 [4, 96]) ends)" in message
     message = broken(path, blob, first_dims, struct.pack("<Q", 48))
     assert "tensor first.weight of type Q8_0 has rows of 48 values, not a multiple of 32" in message
     message = broken(path, blob, tensor_info_at(blob, "second.bias") + 4, struct.pack("<Q", 128))

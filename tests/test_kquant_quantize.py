@@ -94,9 +94,7 @@ def test_edge_rows(fmt):
 
 @pytest.mark.parametrize("fmt", K_TYPES)
 def test_last_dimension_must_hold_whole_super_blocks(fmt):
-    with pytest.raises(
-        KontextError, match=rf"shape \[4, 384\] as {fmt}: the last dimension must be a multiple of 256"
-    ):
+    with pytest.raises(KontextError, match=rf"shape \[4, 384\] as {fmt}: the last dimension must be a multiple of 256"):
         quantize(torch.zeros(4, 384), fmt)
     with pytest.raises(KontextError, match=rf"shape \[\] as {fmt}"):
         quantize(torch.tensor(1.0), fmt)

@@ -99,9 +99,7 @@ def test_wrong_shape_names_tensor_and_expectation(tiny_root: Path, tmp_path: Pat
 
 
 def test_missing_and_unexpected_tensors(tiny_root: Path, tmp_path: Path) -> None:
-    bad = _rewrite(
-        tiny_root / "ae.safetensors", tmp_path / "m.safetensors", lambda t: t.pop("decoder.conv_out.bias")
-    )
+    bad = _rewrite(tiny_root / "ae.safetensors", tmp_path / "m.safetensors", lambda t: t.pop("decoder.conv_out.bias"))
     with pytest.raises(WeightFileError, match="decoder.conv_out.bias"):
         load_component("vae", bad, torch.float32)
     extra = _rewrite(

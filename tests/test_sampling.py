@@ -38,9 +38,7 @@ def test_preferred_resolutions_match_the_reference_list() -> None:
 def test_pack_matches_diffusers_and_unpack_inverts() -> None:
     latent = torch.randn(1, 16, 6, 10)
     packed = sampling.pack(latent)
-    torch.testing.assert_close(
-        packed, FluxKontextPipeline._pack_latents(latent, 1, 16, 6, 10), rtol=0, atol=0
-    )
+    torch.testing.assert_close(packed, FluxKontextPipeline._pack_latents(latent, 1, 16, 6, 10), rtol=0, atol=0)
     assert torch.equal(sampling.unpack(packed, 6, 10), latent)
 
 
@@ -55,9 +53,7 @@ def test_position_ids_match_diffusers() -> None:
 def test_initial_noise_follows_the_reference_convention() -> None:
     noise = sampling.initial_noise(seed=42, height=1024, width=688, channels=16)
     assert noise.shape == (1, 16, 128, 86) and noise.dtype == torch.bfloat16
-    expected = torch.randn(
-        1, 16, 128, 86, generator=torch.Generator("cpu").manual_seed(42), dtype=torch.bfloat16
-    )
+    expected = torch.randn(1, 16, 128, 86, generator=torch.Generator("cpu").manual_seed(42), dtype=torch.bfloat16)
     assert torch.equal(noise, expected)
 
 
@@ -65,8 +61,6 @@ def test_euler_integrates_a_constant_velocity_exactly() -> None:
     times = sampling.schedule(5, 1024)
     x0 = torch.ones(1, 4, 8)
     steps = []
-    out = sampling.euler(
-        lambda x, t: torch.full_like(x, 2.0), x0, times, on_step=lambda i, n: steps.append((i, n))
-    )
+    out = sampling.euler(lambda x, t: torch.full_like(x, 2.0), x0, times, on_step=lambda i, n: steps.append((i, n)))
     torch.testing.assert_close(out, x0 + 2.0 * (times[-1] - times[0]))
     assert steps == [(i, 5) for i in range(1, 6)]

@@ -121,9 +121,7 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def t5_pair(config: T5Config, seed: int = 0) -> tuple[T5Encoder, nn.Module]:
-    reference = randomize(
-        transformers.T5EncoderModel(transformers.T5Config(**t5_config_to_transformers(config))), seed
-    )
+    reference = randomize(transformers.T5EncoderModel(transformers.T5Config(**t5_config_to_transformers(config))), seed)
     ours = T5Encoder(config).eval()
     source = t5_canonical(from_tensors(reference.state_dict()))
     ours.load_state_dict({name: ref.load() for name, ref in source.items()}, strict=True)
@@ -140,9 +138,7 @@ def test_relative_position_buckets_match_transformers(buckets: int, max_distance
         num_buckets=buckets,
         max_distance=max_distance,
     )
-    assert torch.equal(
-        relative_position_buckets(length, buckets, max_distance, torch.device("cpu")), expected
-    )
+    assert torch.equal(relative_position_buckets(length, buckets, max_distance, torch.device("cpu")), expected)
 
 
 @pytest.mark.parametrize("source", ["prompt", "random"])
@@ -243,22 +239,17 @@ def test_t5_layout() -> None:
     expected = set(T5Encoder(config).state_dict())
     assert set(t5_canonical(from_tensors(full))) == expected
     # Unknown names survive, so that loading reports them instead of silently ignoring them.
-    assert set(t5_canonical(from_tensors({**full, "scaled_fp8": torch.zeros(1)}))) == expected | {
-        "scaled_fp8"
-    }
+    assert set(t5_canonical(from_tensors({**full, "scaled_fp8": torch.zeros(1)}))) == expected | {"scaled_fp8"}
 
     del full["shared.weight"]
     aliased = t5_canonical(from_tensors(full, origin="t5xxl.safetensors"))
     assert (
-        set(aliased) == expected
-        and aliased["shared.weight"].origin == "t5xxl.safetensors:encoder.embed_tokens.weight"
+        set(aliased) == expected and aliased["shared.weight"].origin == "t5xxl.safetensors:encoder.embed_tokens.weight"
     )
 
     del full["encoder.block.1.layer.1.DenseReluDense.wo.weight"], full["encoder.final_layer_norm.weight"]
     first_missing = r"'encoder\.block\.1\.layer\.1\.DenseReluDense\.wo\.weight'$"
-    with pytest.raises(
-        WeightFileError, match=r"T5 weights in t5xxl\.safetensors: missing tensor " + first_missing
-    ):
+    with pytest.raises(WeightFileError, match=r"T5 weights in t5xxl\.safetensors: missing tensor " + first_missing):
         t5_canonical(from_tensors(full, origin="t5xxl.safetensors"))
     with pytest.raises(WeightFileError, match="missing tensor 'shared.weight'"):
         t5_canonical(from_tensors({"encoder.final_layer_norm.weight": torch.ones(4)}))
@@ -351,26 +342,18 @@ def test_clip_layout(tmp_path: Path) -> None:
     vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                   image_size=32, patch_size=16)  # fmt: skip
     full = transformers.CLIPModel(
-        transformers.CLIPConfig(
-            text_config=clip_config_to_transformers(text), vision_config=vision, projection_dim=16
-        )
+        transformers.CLIPConfig(text_config=clip_config_to_transformers(text), vision_config=vision, projection_dim=16)
     ).state_dict()
     full["text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    assert {"logit_scale", "text_projection.weight"} <= set(full) and any(
-        n.startswith("vision_model.") for n in full
-    )
+    assert {"logit_scale", "text_projection.weight"} <= set(full) and any(n.startswith("vision_model.") for n in full)
     expected = set(CLIPTextModel(text).state_dict())
     assert set(clip_canonical(from_tensors(full))) == expected
 
     bare = {name.removeprefix("text_model."): t for name, t in full.items() if name.startswith("text_model.")}
     assert set(clip_canonical(from_tensors(bare))) == expected
-    assert set(clip_canonical(from_tensors({**bare, "stray": torch.zeros(1)}))) == expected | {
-        "text_model.stray"
-    }
+    assert set(clip_canonical(from_tensors({**bare, "stray": torch.zeros(1)}))) == expected | {"text_model.stray"}
 
     del bare["encoder.layers.1.self_attn.out_proj.bias"], bare["final_layer_norm.weight"]
     first_missing = r"'text_model\.encoder\.layers\.1\.self_attn\.out_proj\.bias'$"
-    with pytest.raises(
-        WeightFileError, match=r"CLIP weights in clip_l\.safetensors: missing tensor " + first_missing
-    ):
+    with pytest.raises(WeightFileError, match=r"CLIP weights in clip_l\.safetensors: missing tensor " + first_missing):
         clip_canonical(from_tensors(bare, origin="clip_l.safetensors"))

@@ -85,9 +85,7 @@ def test_clip_matches_transformers(folders: Path, class_name: str) -> None:
     assert [ours(p) for p in PROMPTS] == _clip_reference(folders / "tokenizer", class_name)
     ids = ours("Add a small red hat to the cat")
     assert len(ids) == 77 and ids[0] == 812 and ours.vocab_size == 814
-    assert ids[ids.index(813) :] == [813] * (
-        77 - ids.index(813)
-    )  # end-of-text, then padding (also end-of-text)
+    assert ids[ids.index(813) :] == [813] * (77 - ids.index(813))  # end-of-text, then padding (also end-of-text)
     long = ours(PROMPTS[-2])
     assert len(long) == 77 and long[-1] == 813 and 813 not in long[:-1]
 

@@ -92,9 +92,7 @@ def dequantizer(path: str) -> Callable[[QuantizedTensor, torch.Tensor], None]:
     return run
 
 
-def seconds_per_call(
-    run: Callable[[], None], device: torch.device, warmup: int, repeats: int, calls: int
-) -> float:
+def seconds_per_call(run: Callable[[], None], device: torch.device, warmup: int, repeats: int, calls: int) -> float:
     """The median over ``repeats`` of the time of ``calls`` back-to-back calls, divided by ``calls``."""
     for _ in range(warmup):
         run()
@@ -244,15 +242,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--small", action="store_true", help="small matrices, for a quick run on a CPU")
-    parser.add_argument(
-        "--formats", help="comma-separated subset of: " + ", ".join(QUANTIZED + RANDOM_BLOCKS)
-    )
+    parser.add_argument("--formats", help="comma-separated subset of: " + ", ".join(QUANTIZED + RANDOM_BLOCKS))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--calls", type=int, default=10, help="back-to-back calls per timed run")
-    parser.add_argument(
-        "--no-graph-count", action="store_true", help="skip compiling for every transformer shape"
-    )
+    parser.add_argument("--no-graph-count", action="store_true", help="skip compiling for every transformer shape")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
 
@@ -263,9 +257,7 @@ def main() -> None:
     names = args.formats.split(",") if args.formats else list(QUANTIZED + RANDOM_BLOCKS)
     results = []
     for fmt in names:
-        results.append(
-            measure(fmt, shapes, device, args.warmup, args.repeats, args.calls, not args.no_graph_count)
-        )
+        results.append(measure(fmt, shapes, device, args.warmup, args.repeats, args.calls, not args.no_graph_count))
         print(f"measured {fmt}", flush=True)
     report(results, device, shapes)
     if args.json:

@@ -1,6 +1,6 @@
 """Draw the plot of bench JSON files written where matplotlib was not installed (the GPU machine).
 
-    python tools/plot_bench.py bench/results/bench-8gib-compiled.json [...]   # writes each .png beside it
+python tools/plot_bench.py bench/results/bench-8gib-compiled.json [...]   # writes each .png beside it
 """
 
 from __future__ import annotations

@@ -67,9 +67,7 @@ class ResnetBlock(nn.Module):
         self.conv1 = _conv3(in_channels, out_channels)
         self.norm2 = _norm(out_channels)
         self.conv2 = _conv3(out_channels, out_channels)
-        self.nin_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        )
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -135,9 +133,7 @@ class Upsample(nn.Module):
 
 
 def _resnet_stack(in_channels: int, out_channels: int, count: int) -> nn.ModuleList:
-    return nn.ModuleList(
-        ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(count)
-    )
+    return nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(count))
 
 
 class DownLevel(nn.Module):
@@ -203,8 +199,7 @@ class Decoder(nn.Module):
         # up[i] works at the resolution of encoder level i; the forward pass runs them deepest first.
         inputs = [*widths[1:], widths[-1]]
         self.up = nn.ModuleList(
-            UpLevel(inputs[i], widths[i], config.num_res_blocks + 1, upsample=i > 0)
-            for i in range(len(widths))
+            UpLevel(inputs[i], widths[i], config.num_res_blocks + 1, upsample=i > 0) for i in range(len(widths))
         )
         self.norm_out = _norm(widths[0])
         self.conv_out = _conv3(widths[0], config.out_channels)

@@ -42,13 +42,10 @@ class CLIPTextConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_act not in _ACTIVATIONS:
-            raise KontextError(
-                f"CLIP config: hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}"
-            )
+            raise KontextError(f"CLIP config: hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
         if self.hidden_size % self.num_attention_heads:
             raise KontextError(
-                f"CLIP config: hidden_size {self.hidden_size} is not a multiple of "
-                f"{self.num_attention_heads} heads"
+                f"CLIP config: hidden_size {self.hidden_size} is not a multiple of {self.num_attention_heads} heads"
             )
 
     @property
@@ -146,9 +143,7 @@ class CLIPTextModel(nn.Module):
         """``input_ids`` [B, L<=77] -> pooled output [B, hidden]."""
         length = input_ids.shape[1]
         if length > self.config.max_position_embeddings:
-            raise KontextError(
-                f"CLIP: {length} tokens, at most {self.config.max_position_embeddings} are possible"
-            )
+            raise KontextError(f"CLIP: {length} tokens, at most {self.config.max_position_embeddings} are possible")
         model = self.text_model
         x = model.embeddings(input_ids)
         for layer in model.encoder.layers:

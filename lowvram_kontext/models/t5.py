@@ -55,9 +55,7 @@ class T5LayerNorm(nn.Module):
         return (x.float() * torch.rsqrt(variance + self.eps)).to(dtype) * self.weight.to(dtype)
 
 
-def relative_position_buckets(
-    length: int, num_buckets: int, max_distance: int, device: torch.device
-) -> torch.Tensor:
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
     """Bucket of each (query, key) offset, bidirectional, as T5 encoders use: [length, length] int64.
 
     Half the buckets are for keys after the query. Within each half, offsets below a quarter of
@@ -91,9 +89,7 @@ class T5Attention(nn.Module):
         self.buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
         if has_relative_bias:
-            self.relative_attention_bias = nn.Embedding(
-                config.relative_attention_num_buckets, config.num_heads
-            )
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
 
     def position_bias(self, length: int, device: torch.device) -> torch.Tensor:
         """The additive bias [1, heads, length, length] (only the attention that owns the table)."""
@@ -154,9 +150,7 @@ class T5Block(nn.Module):
 
     def __init__(self, config: T5Config, has_relative_bias: bool):
         super().__init__()
-        self.layer = nn.ModuleList(
-            [T5SelfAttentionLayer(config, has_relative_bias), T5FeedForwardLayer(config)]
-        )
+        self.layer = nn.ModuleList([T5SelfAttentionLayer(config, has_relative_bias), T5FeedForwardLayer(config)])
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         attention, feed_forward = self.layer
@@ -170,9 +164,7 @@ class T5Block(nn.Module):
 class T5Stack(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
-        self.block = nn.ModuleList(
-            [T5Block(config, has_relative_bias=i == 0) for i in range(config.num_layers)]
-        )
+        self.block = nn.ModuleList([T5Block(config, has_relative_bias=i == 0) for i in range(config.num_layers)])
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
 
 

@@ -66,17 +66,13 @@ class Component:
 
 def _flux_file_layout(source: TensorSource) -> TensorSource:
     if any(name.startswith("transformer_blocks.") for name in source):
-        raise WeightFileError(
-            "this transformer file uses diffusers names: pass its folder (with config.json) instead"
-        )
+        raise WeightFileError("this transformer file uses diffusers names: pass its folder (with config.json) instead")
     return source
 
 
 def _vae_file_layout(source: TensorSource) -> TensorSource:
     if any(name.startswith("encoder.down_blocks.") for name in source):
-        raise WeightFileError(
-            "this VAE file uses diffusers names: pass its folder (with config.json) instead"
-        )
+        raise WeightFileError("this VAE file uses diffusers names: pass its folder (with config.json) instead")
     return source
 
 

@@ -51,14 +51,10 @@ class SafetensorsFile:
         with self.path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise WeightFileError(
-                    f"{self.path}: not a safetensors file ({size} bytes, too short for a header)"
-                )
+                raise WeightFileError(f"{self.path}: not a safetensors file ({size} bytes, too short for a header)")
             (header_len,) = struct.unpack("<Q", head)
             if header_len > MAX_HEADER_BYTES:
-                raise WeightFileError(
-                    f"{self.path}: not a safetensors file (header length {header_len} is absurd)"
-                )
+                raise WeightFileError(f"{self.path}: not a safetensors file (header length {header_len} is absurd)")
             if 8 + header_len > size:
                 raise WeightFileError(
                     f"{self.path}: truncated: header needs {8 + header_len} bytes, the file has {size}"
@@ -67,9 +63,7 @@ class SafetensorsFile:
         try:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise WeightFileError(
-                f"{self.path}: corrupt safetensors header ({exc.__class__.__name__})"
-            ) from None
+            raise WeightFileError(f"{self.path}: corrupt safetensors header ({exc.__class__.__name__})") from None
         if not isinstance(header, dict):
             raise WeightFileError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
@@ -88,9 +82,7 @@ class SafetensorsFile:
                 f"the file has {size}"
             )
 
-    def _check_entry(
-        self, name: str, entry: object, data_size: int
-    ) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    def _check_entry(self, name: str, entry: object, data_size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
         where = f"{self.path}: tensor {name!r}"
         try:
             dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]  # type: ignore[index]
@@ -109,9 +101,7 @@ class SafetensorsFile:
         for d in shape:
             numel *= d
         if end - begin != numel * dtype.itemsize or begin < 0:
-            raise WeightFileError(
-                f"{where}: header gives {end - begin} bytes for shape {list(shape)} of {dtype_name}"
-            )
+            raise WeightFileError(f"{where}: header gives {end - begin} bytes for shape {list(shape)} of {dtype_name}")
         if end > data_size:
             raise WeightFileError(
                 f"{where}: truncated file: data ends at byte {self.data_start + end}, "
@@ -165,9 +155,7 @@ def open_sharded(index_path: Path) -> TensorSource:
         if shard not in shards:
             shard_path = index_path.parent / shard
             if not shard_path.is_file():
-                raise WeightFileError(
-                    f"{index_path}: shard {shard} is missing (looked in {index_path.parent})"
-                )
+                raise WeightFileError(f"{index_path}: shard {shard} is missing (looked in {index_path.parent})")
             shards[shard] = SafetensorsFile(shard_path).source()
         if name not in shards[shard]:
             raise WeightFileError(

@@ -65,9 +65,7 @@ class TensorRef:
     def load(self) -> torch.Tensor:
         tensor = self.read()
         if tuple(tensor.shape) != self.shape:
-            raise WeightFileError(
-                f"{self.origin}: read shape {tuple(tensor.shape)}, header says {self.shape}"
-            )
+            raise WeightFileError(f"{self.origin}: read shape {tuple(tensor.shape)}, header says {self.shape}")
         return tensor
 
 
@@ -152,6 +150,5 @@ def swap_halves(ref: TensorRef) -> TensorRef:
 def from_tensors(tensors: dict[str, torch.Tensor], origin: str = "memory") -> TensorSource:
     """A source over tensors already in memory (tests, tools, converted weights)."""
     return {
-        name: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t), f"{origin}:{name}")
-        for name, t in tensors.items()
+        name: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t), f"{origin}:{name}") for name, t in tensors.items()
     }

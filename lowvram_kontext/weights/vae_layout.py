@@ -23,7 +23,6 @@ _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"
 
 
-
 def vae_config_from_diffusers(cfg: Mapping[str, Any]) -> AutoEncoderConfig:
     """The config of a diffusers ``AutoencoderKL`` (``vae/config.json``) in this architecture."""
     for key in ("block_out_channels", "layers_per_block", "latent_channels", "scaling_factor"):
@@ -178,9 +177,7 @@ def vae_from_diffusers(source: TensorSource, config: AutoEncoderConfig) -> Tenso
     return out
 
 
-def vae_to_diffusers(
-    state_dict: dict[str, torch.Tensor], config: AutoEncoderConfig
-) -> dict[str, torch.Tensor]:
+def vae_to_diffusers(state_dict: dict[str, torch.Tensor], config: AutoEncoderConfig) -> dict[str, torch.Tensor]:
     """The diffusers-named copy of a BFL-named VAE state dict (the inverse of ``vae_from_diffusers``)."""
     levels = len(config.ch_mult)
     out: dict[str, torch.Tensor] = {}
