@@ -446,6 +446,14 @@ def test_planner_counts_the_lora_bytes_with_their_blocks(tiny, tmp_path) -> None
         i + o for n, (o, i) in _flux_linears().items() if n.startswith("double_blocks.0.")
     )
     assert len(blocks) == 5 and blocks[-1] > 0
+    # Each update is priced in the step: rank 4 on every layer the file adapts, with its shape.
+    layers = stack.adapter_bytes()["transformer"].layers
+    shapes = _flux_linears()
+    assert {(a.name, a.rank, (a.out_features, a.in_features)) for a in layers} == {
+        (name, RANK, shapes[name]) for name in stack.get("kohya").updates["transformer"]
+    }
+    assert without.lora_seconds == 0 < with_lora.lora_seconds
+    assert with_lora.seconds_per_step > without.seconds_per_step
     t_without, t_with = without.stage("transformer"), with_lora.stage("transformer")
     assert t_with.slot_bytes == t_without.slot_bytes + max(blocks[1:])  # streamed with their blocks
     assert t_with.terms["resident blocks"] == t_without.terms["resident blocks"] + blocks[0]

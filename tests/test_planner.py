@@ -9,20 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from lowvram_kontext import cli
 from lowvram_kontext.commands.plan import explain, plan_dict
 from lowvram_kontext.errors import KontextError
+from lowvram_kontext.gpus import REFERENCE, REFERENCE_CALIBRATED_TFLOPS
 from lowvram_kontext.hardware import GIB, Machine
 from lowvram_kontext.models.autoencoder import AutoEncoderConfig
 from lowvram_kontext.models.clip import CLIPTextConfig
-from lowvram_kontext.models.flux import FluxConfig
+from lowvram_kontext.models.flux import FluxConfig, FluxTransformer
 from lowvram_kontext.models.t5 import T5Config
 from lowvram_kontext.offload.settings import STAGING_BUFFERS, STAGING_CHUNK_BYTES
 from lowvram_kontext.planner import (
     CALIBRATION,
     PROFILES_DIR,
     PROFILES_ENV,
+    AdaptedLayer,
+    AdapterBytes,
     BudgetTooSmall,
     ModelSizes,
     VaeSettings,
@@ -164,6 +168,19 @@ def _calibration_conditions(run: dict, row: dict) -> bool:
     )
 
 
+def _bench_card(run: dict, row: dict) -> Machine:
+    """The machine a committed bench row ran on, as it measured it, under the row's budget."""
+    facts = run["machine"]
+    card = Machine(
+        gpu_name=facts["gpu"], vram_total=facts["vram_total_bytes"], vram_free=facts["vram_total_bytes"],
+        compute_capability=(9, 0), supports_bf16=True, supports_fp8=True,
+        cuda_context_bytes=facts["cuda_context_bytes"], cuda_context_measured=True,
+        ram_total=facts["ram_total_bytes"], ram_available=facts["ram_total_bytes"] - 4 * GIB, disk_free=None,
+        h2d_gbps=facts["h2d_gbps"],
+    )  # fmt: skip
+    return card if row["budget_bytes"] is None else card.with_budget(row["budget_bytes"])
+
+
 def _bench_rows() -> list[tuple[str, dict, dict]]:
     """(file name, run, row) of every completed row of the committed bench results run as calibrated."""
     found = []
@@ -176,18 +193,13 @@ def _bench_rows() -> list[tuple[str, dict, dict]]:
 @pytest.mark.parametrize("name, run, row", _bench_rows(), ids=lambda v: v if isinstance(v, str) else "")
 def test_predictions_agree_with_the_committed_bench_measurements(profiles, name: str, run: dict, row: dict) -> None:
     """Planned again for the machine each bench ran on, within the error the README states."""
-    facts = run["machine"]
-    card = Machine(
-        gpu_name=facts["gpu"], vram_total=facts["vram_total_bytes"], vram_free=facts["vram_total_bytes"],
-        compute_capability=(9, 0), supports_bf16=True, supports_fp8=True,
-        cuda_context_bytes=facts["cuda_context_bytes"], cuda_context_measured=True,
-        ram_total=facts["ram_total_bytes"], ram_available=facts["ram_total_bytes"] - 4 * GIB, disk_free=None,
-        h2d_gbps=facts["h2d_gbps"],
-    )  # fmt: skip
-    if row["budget_bytes"] is not None:
-        card = card.with_budget(row["budget_bytes"])
     predicted = plan(
-        card, profiles, row["width"], row["height"], profile_name=row["profile"], keep_weights="session" in name
+        _bench_card(run, row),
+        profiles,
+        row["width"],
+        row["height"],
+        profile_name=row["profile"],
+        keep_weights="session" in name,
     )
     assert predicted.fits
     assert predicted.seconds_per_step == pytest.approx(row["seconds_per_step"], rel=0.05)
@@ -201,6 +213,74 @@ def test_predictions_agree_with_the_committed_bench_measurements(profiles, name:
     for stage in ("t5", "vae_encode", "transformer", "vae_decode"):
         assert allocator[stage] == pytest.approx(measured[stage], rel=0.08), stage
     assert abs(allocator["clip"] - measured["clip"]) < 0.2 * GIB
+
+
+def _lora_on_every_block_layer(rank: int) -> AdapterBytes:
+    """What ``bench --lora-rank`` applies (``synthetic.synthetic_lora``), as the planner counts it."""
+    with torch.device("meta"):
+        model = FluxTransformer(FluxConfig())
+    layers, per_block = [], {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")):
+            layers.append(AdaptedLayer(name, layer.in_features, layer.out_features, rank))
+            block = tuple(name.split(".")[:2])
+            per_block[block] = per_block.get(block, 0) + 2 * rank * (layer.in_features + layer.out_features)
+    return AdapterBytes(tuple(per_block.values()), 0, tuple(layers))
+
+
+# A LoRA run and the run it is compared with: the same profile, code, card and budget, without the LoRA.
+LORA_RUNS = (
+    ("bench-8gib-nf4-lora32.json", "bench-8gib-nf4-compiled-2.json", "nf4-stream"),
+    ("bench-8gib-fp8-lora32.json", "bench-8gib-fp8.json", "fp8-w8a8-stream"),
+)
+
+
+@pytest.mark.parametrize("with_lora, without, profile", LORA_RUNS)
+def test_lora_step_costs_agree_with_the_committed_bench_measurements(
+    profiles, with_lora: str, without: str, profile: str
+) -> None:
+    """NF4 adds the update into its dequantized weights, fp8 W8A8 to its activations: the planner prices
+    both passes as the bench measured them (compiled blocks, as those runs)."""
+    measured = {}
+    for file in (with_lora, without):
+        run = json.loads((BENCH_RESULTS / file).read_text())
+        row = next(r for r in run["rows"] if r["profile"] == profile and r["completed"])
+        measured[file] = (run, row)
+    run, row = measured[with_lora]
+    sizes = replace(ModelSizes(), adapters={"transformer": _lora_on_every_block_layer(run["settings"]["lora_rank"])})
+    planned = plan(_bench_card(run, row), profiles, row["width"], row["height"], sizes, profile, compiled=True)
+    added = row["seconds_per_step"] - measured[without][1]["seconds_per_step"]
+    assert planned.lora_seconds == pytest.approx(added, rel=0.1)
+    assert planned.seconds_per_step == pytest.approx(row["seconds_per_step"], rel=0.05)
+
+
+def test_a_lora_costs_a_pass_over_the_weight_where_it_is_dequantized_else_over_the_activations(profiles) -> None:
+    card = machine(24, 64)
+    layer = AdaptedLayer("single_blocks.0.linear1", 3072, 21504, 16)
+    sizes = replace(ModelSizes(), adapters={"transformer": AdapterBytes(layers=(layer,))})
+
+    def lora_seconds(profile: str, adapted: ModelSizes = sizes, on: Machine = card) -> float:
+        return plan(on, profiles, 1024, 1024, adapted, profile).lora_seconds
+
+    bandwidth, matmul = REFERENCE.memory_gbps * 1e9, REFERENCE_CALIBRATED_TFLOPS * 1e12
+    weight, activations = 3072 * 21504, 8704 * (3072 + 21504)
+    # NF4 blocks dequantize a copy: the update is added into it (read and write the weight once more).
+    assert lora_seconds("resident-nf4") == pytest.approx(
+        2 * 2 * weight / (bandwidth * CALIBRATION.lora_weight_pass_share) + 2 * 16 * weight / matmul
+    )
+    # bf16 blocks are used as stored: the update is a term on the activations (input and output, twice).
+    assert lora_seconds("resident-bf16") == pytest.approx(
+        2 * 2 * activations / (bandwidth * CALIBRATION.lora_activation_pass_share) + 2 * 16 * activations / matmul
+    )
+    assert plan(card, profiles, 1024, 1024, sizes, "resident-bf16").seconds_per_step == pytest.approx(
+        plan(card, profiles, 1024, 1024, ModelSizes(), "resident-bf16").seconds_per_step + lora_seconds("resident-bf16")
+    )
+    # A modulation runs once per edit, before the first step: nothing per step.
+    once = AdaptedLayer("double_blocks.0.img_mod.lin", 3072, 18432, 16)
+    assert lora_seconds("resident-nf4", replace(sizes, adapters={"transformer": AdapterBytes(layers=(once,))})) == 0
+    # A card with a third of the bandwidth pays about three times as much.
+    slow = replace(card, memory_gbps=REFERENCE.memory_gbps / 3, matmul_tflops=REFERENCE_CALIBRATED_TFLOPS / 3)
+    assert lora_seconds("resident-nf4", on=slow) == pytest.approx(3 * lora_seconds("resident-nf4"))
 
 
 def test_resident_bf16_peaks_match_the_peer_measurements(profiles) -> None:
@@ -516,6 +596,36 @@ def test_plan_command_with_files_and_a_profile_file(
     mine.write_text(_setting((PROFILES_DIR / "nf4-stream.toml").read_text(), 'name = "nf4-stream"', 'name = "mine"'))
     code, out, _ = _run(capsys, "--vram-budget", "8", "--profile", str(mine), "--json")
     assert code == 0 and json.loads(out)["profile"] == "mine" and json.loads(out)["explicit"]
+
+
+def test_plan_command_prices_the_loras_given(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A kohya LoRA on two layers of the standard Kontext transformer: checked against its layers, then
+    priced in the step (the text and the JSON say how much)."""
+    generator = torch.Generator().manual_seed(0)
+    factors = {}
+    for layer, (out_features, in_features) in (("single_blocks_0_linear1", (21504, 3072)), ("txt_in", (3072, 4096))):
+        factors[f"lora_unet_{layer}.lora_down.weight"] = torch.randn(8, in_features, generator=generator)
+        factors[f"lora_unet_{layer}.lora_up.weight"] = torch.randn(out_features, 8, generator=generator) * 0.01
+    lora = tmp_path / "style.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in factors.items()}, str(lora))
+    base = ("--vram-budget", "8GiB", "--ram", "64GiB", "--profile", "resident-nf4", "--json")
+    without = json.loads(_run(capsys, *base)[1])
+    code, out, _ = _run(capsys, *base, "--lora", f"{lora}:0.7")
+    priced = json.loads(out)
+    assert code == 0 and without["step"]["lora_s"] == 0 < priced["step"]["lora_s"]
+    assert priced["seconds_per_step"] == pytest.approx(without["seconds_per_step"] + priced["step"]["lora_s"])
+    code, out, _ = _run(capsys, *base[:-1], "--lora", str(lora))
+    assert code == 0 and f"+ LoRAs {priced['step']['lora_s']:.3f}" in out
+    bad = tmp_path / "bad.safetensors"
+    save_file(
+        {
+            "lora_unet_txt_in.lora_down.weight": torch.zeros(8, 5),
+            "lora_unet_txt_in.lora_up.weight": torch.zeros(3072, 8),
+        },
+        str(bad),
+    )
+    code, out, err = _run(capsys, *base, "--lora", str(bad))
+    assert code == 1 and out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -12,12 +12,14 @@ import torch
 from ..compute import compiled
 from ..errors import KontextError, MissingComponent
 from ..hardware import GIB, format_size
+from ..lora import LoraSpec, LoraStack, ModelLayers
 from ..planner import DEFAULT_EDIT_STEPS, ModelSizes, Plan, gib_text, load_profiles, plan
 from ..weights.loading import COMPONENTS
 from ..weights.model_paths import component_paths
 from .options import (
     GRID,
     add_compute_options,
+    add_lora_options,
     add_model_options,
     add_plan_options,
     add_size_options,
@@ -38,6 +40,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     add_plan_options(parser)
     add_compute_options(parser)
+    add_lora_options(parser)
     parser.add_argument(
         "--gpu",
         metavar="NAME",
@@ -73,6 +76,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         compiles = compiled.resolve(args.compile, torch.device("cuda"))[0]
     sizes = _model_sizes(args)
+    if args.lora:  # read and checked against the model's layers, priced in the plan
+        loras = LoraStack(lambda: ModelLayers(sizes.flux, sizes.clip, sizes.t5))
+        for text in args.lora:
+            loras.add(loras.read(LoraSpec.parse(text)))
+        sizes = replace(sizes, adapters=loras.adapter_bytes())
     width = (args.width or args.height or DEFAULT_SIZE) // GRID * GRID
     height = (args.height or args.width or DEFAULT_SIZE) // GRID * GRID
     result = plan(
@@ -114,6 +122,7 @@ def plan_dict(result: Plan) -> dict[str, Any]:
             "compute_s": result.compute_seconds,
             "transfer_s": result.transfer_seconds,
             "dequant_s": result.dequant_seconds,
+            "lora_s": result.lora_seconds,
             "link_gbps": result.link_gbps,
             "link_measured": result.link_measured,
         },
@@ -159,8 +168,9 @@ def explain(result: Plan) -> str:
         )
     lines += [
         "",
-        f"predicted {result.seconds_per_step:.3f} s/step = max(compute {result.compute_seconds:.3f}, "
-        f"transfer {result.transfer_seconds:.3f} at {link}) + dequantize {result.dequant_seconds:.3f} "
+        f"predicted {result.seconds_per_step:.3f} s/step = max(compute {result.compute_seconds:.3f}"
+        + (f" + LoRAs {result.lora_seconds:.3f}" if result.lora_seconds else "")
+        + f", transfer {result.transfer_seconds:.3f} at {link}) + dequantize {result.dequant_seconds:.3f} "
         f"({ROUTES[result.machine.dequant_route]}); {result.dtype}",
         f"predicted {result.seconds_per_edit():.1f} s per edit of {DEFAULT_EDIT_STEPS} steps "
         f"(text encoders, VAE and the blocks' modulations {result.other_stage_seconds:.2f} s; loading not counted)",

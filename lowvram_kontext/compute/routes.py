@@ -170,6 +170,12 @@ def _kept_by_name(name: str, route: str) -> str | None:
     return None
 
 
+def takes_route(name: str, route: str) -> bool:
+    """Whether the transformer block layer ``name`` (stored in the route's format) computes by the 8-bit
+    matmul of ``route``, with its stored weight as it is; False for every layer on the other routes."""
+    return route in W8A8_FORMAT and _kept_by_name(name, route) is None
+
+
 @cache
 def weight_only_share(route: str, config: FluxConfig) -> float:
     """The share of the transformer's block matrix values that ``route`` still dequantizes each step."""

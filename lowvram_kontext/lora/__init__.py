@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import KontextError
-from ..planner import AdapterBytes
+from ..planner import AdaptedLayer, AdapterBytes
 from ..prompt_cache import encoder_identity
 from ..weights.loading import COMPONENTS, open_component
 from . import apply
@@ -126,7 +126,8 @@ class LoraStack:
         return "|".join(records)
 
     def adapter_bytes(self) -> dict[str, AdapterBytes]:
-        """Bytes of the LoRAs' factors per component, per block in run order and outside the blocks."""
+        """Bytes of the LoRAs' factors per component, per block in run order and outside the blocks, and
+        every update with its shape (what it adds to a step)."""
         if not self._loras:
             return {}
         layers = self._layers
@@ -142,6 +143,7 @@ class LoraStack:
             index = {block: i for i, block in enumerate(blocks)}
             per_block = [0] * len(blocks)
             rest = 0
+            adapted = []
             for lora in self._loras:
                 for name, update in lora.updates.get(component, {}).items():
                     block = block_of(name)
@@ -149,8 +151,10 @@ class LoraStack:
                         rest += update.nbytes
                     else:
                         per_block[index[block]] += update.nbytes
-            if rest or any(per_block):
-                sizes[component] = AdapterBytes(tuple(per_block), rest)
+                    rank, in_features = update.down.shape
+                    adapted.append(AdaptedLayer(name, in_features, update.up.shape[0], rank))
+            if adapted:
+                sizes[component] = AdapterBytes(tuple(per_block), rest, tuple(adapted))
         return sizes
 
 

@@ -23,13 +23,24 @@ from .profiles import (
     load_profiles,
     resolve_profile,
 )
-from .sizes import AdapterBytes, FileWeights, ModelSizes, clip_part, flux_parts, storage_bytes, t5_parts, vae_part
+from .sizes import (
+    AdaptedLayer,
+    AdapterBytes,
+    FileWeights,
+    ModelSizes,
+    clip_part,
+    flux_parts,
+    storage_bytes,
+    t5_parts,
+    vae_part,
+)
 
 __all__ = [
     "CALIBRATION",
     "DEFAULT_EDIT_STEPS",
     "PROFILES_DIR",
     "PROFILES_ENV",
+    "AdaptedLayer",
     "AdapterBytes",
     "BudgetTooSmall",
     "Calibration",

@@ -9,7 +9,7 @@ says what decides the card's compute routes (``compute.routes``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -20,7 +20,7 @@ from ..models.clip import CLIPTextConfig
 from ..models.flux import FluxConfig
 from ..models.t5 import T5Config
 from ..weights.formats import codec
-from .sizes import COMPUTE_BYTES, flux_parts
+from .sizes import COMPUTE_BYTES, AdaptedLayer, flux_parts
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,13 @@ class Calibration:
     # The share of the reference GPU's step bound by memory rather than matmuls (norms, activations,
     # RoPE, residual updates, the attention's reads and writes). Estimate.
     memory_bound_share: float = 0.1
+    # The share of the memory bandwidth a LoRA's passes reach (``lora_step_seconds``), compiled, rank 32
+    # on every block layer, one H200 at an 8 GiB budget: added into NF4's dequantized weights, +9.4 ms a
+    # step (bench/results/bench-8gib-nf4-lora32.json against -nf4-compiled-2.json); as a term on fp8
+    # W8A8's activations, +51.8 ms (bench-8gib-fp8-lora32.json against bench-8gib-fp8.json). Skinny
+    # products (rank 32 on one side) read and write far below the bandwidth.
+    lora_weight_pass_share: float = 0.83
+    lora_activation_pass_share: float = 0.375
 
     def dequant_rate(self, fmt: str, machine: Machine) -> float:
         """bf16 GB/s of dequantizing ``fmt`` by the machine's route (the format's codec says it for the
@@ -99,6 +106,59 @@ def card_slowdown(machine: Machine, cal: Calibration = CALIBRATION) -> float:
     matmul = REFERENCE_CALIBRATED_TFLOPS / machine.matmul_tflops
     memory = REFERENCE.memory_gbps / machine.memory_gbps if machine.memory_gbps else matmul
     return (1 - cal.memory_bound_share) * matmul + cal.memory_bound_share * memory
+
+
+def step_tokens(name: str, image_tokens: int, text_tokens: int) -> int:
+    """How many tokens the transformer layer ``name`` sees in a sampling step: 0 for the blocks'
+    modulations (computed once per edit, before the first step), 1 for the conditioning vector's layers."""
+    if name.endswith(routes.WEIGHT_ONLY_LAYERS):
+        return 0
+    if name.startswith("single_blocks."):
+        return image_tokens + text_tokens
+    if name.startswith("double_blocks."):
+        return image_tokens if ".img_" in name else text_tokens
+    if name.startswith(("img_in", "final_layer.linear")):
+        return image_tokens
+    if name.startswith("txt_in"):
+        return text_tokens
+    return 1
+
+
+def lora_step_seconds(
+    layers: Iterable[AdaptedLayer],
+    image_tokens: int,
+    text_tokens: int,
+    on_activations: Callable[[str], bool],
+    machine: Machine,
+    cal: Calibration = CALIBRATION,
+) -> float:
+    """What the transformer's LoRA updates ``layers`` add to a sampling step on the machine's card.
+
+    A layer that dequantizes its weight into a copy gets each update added into that copy: the copy is
+    read and written once more (``in x out`` values). A layer whose matmul uses the stored weight as it
+    is (an 8-bit W8A8 matmul, or a weight stored in the compute dtype; ``on_activations``) gets the
+    update as a term on its activations: its input is written and read again for the down projection,
+    its output read and written again for the up projection (``tokens x (in + out)`` values, twice).
+    Either pass runs at a share of the card's memory bandwidth (``Calibration``); the low-rank products'
+    FLOPs at the card's matmul rate.
+    """
+    bandwidth = (machine.memory_gbps or REFERENCE.memory_gbps) * 1e9
+    matmul = (machine.matmul_tflops or REFERENCE_CALIBRATED_TFLOPS) * 1e12
+    seconds = 0.0
+    for layer in layers:
+        tokens = step_tokens(layer.name, image_tokens, text_tokens)
+        if tokens == 0:
+            continue
+        if on_activations(layer.name):
+            values = 2 * tokens * (layer.in_features + layer.out_features)
+            share = cal.lora_activation_pass_share
+            flops = 2 * tokens * layer.rank * (layer.in_features + layer.out_features)
+        else:
+            values = 2 * layer.in_features * layer.out_features
+            share = cal.lora_weight_pass_share
+            flops = 2 * layer.in_features * layer.out_features * layer.rank
+        seconds += COMPUTE_BYTES * values / (bandwidth * share) + flops / matmul
+    return seconds
 
 
 def route_capability(machine: Machine) -> tuple[tuple[int, int] | None, bool]:

@@ -64,6 +64,7 @@ from .costs import (
     Calibration,
     card_slowdown,
     clip_activation_bytes,
+    lora_step_seconds,
     route_capability,
     t5_activation_bytes,
     transformer_activation_bytes,
@@ -322,6 +323,17 @@ def _profile_plan(ctx: _Context) -> Plan:
     capability, tensor_cores = route_capability(machine)
     route = routes.choose(ctx.compute, transformer.format, capability, ctx.compiled, tensor_cores)
     compute = max(0.0, overhead + per_flop * transformer_flops(model.flux, text_tokens + image_tokens))
+    compute_format = "bf16" if machine.supports_bf16 and route.name != "fp16" else "fp16"
+
+    def lora_on_activations(name: str) -> bool:
+        """Whether the layer's matmul takes its weight as stored (else it dequantizes a copy)."""
+        in_blocks = name.startswith(("double_blocks.", "single_blocks."))
+        return (in_blocks and routes.takes_route(name, route.name)) or (
+            (transformer.format if in_blocks else "bf16") == compute_format
+        )
+
+    adapted = model.adapters.get("transformer", AdapterBytes()).layers
+    lora = lora_step_seconds(adapted, image_tokens, text_tokens, lora_on_activations, machine, cal)
     return Plan(
         profile=profile,
         machine=machine,
@@ -344,6 +356,7 @@ def _profile_plan(ctx: _Context) -> Plan:
         route=route,
         compiled=ctx.compiled,
         routes_available=routes.available(capability, tensor_cores),
+        lora_seconds=lora,
     )
 
 

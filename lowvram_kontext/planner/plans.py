@@ -96,10 +96,11 @@ class Plan:
     route: Route = Route("bf16", "")  # how the transformer computes (see compute.routes)
     compiled: bool = False  # whether its blocks run compiled
     routes_available: tuple[str, ...] = ()  # the routes the card has the arithmetic for, fastest first
+    lora_seconds: float = 0.0  # what the transformer's LoRAs add to a step's compute
 
     @property
     def seconds_per_step(self) -> float:
-        return max(self.compute_seconds, self.transfer_seconds) + self.dequant_seconds
+        return max(self.compute_seconds + self.lora_seconds, self.transfer_seconds) + self.dequant_seconds
 
     def seconds_per_edit(self, steps: int = DEFAULT_EDIT_STEPS) -> float:
         """One edit of ``steps`` sampling steps with its other stages, the weights already loaded."""

@@ -167,12 +167,24 @@ def read_file_weights(name: str, path: Path) -> tuple[Any, FileWeights]:
 
 
 @dataclass(frozen=True)
+class AdaptedLayer:
+    """One LoRA's update of one layer: what its work each sampling step depends on."""
+
+    name: str  # the canonical layer name (which tokens it sees, whether it runs every step)
+    in_features: int
+    out_features: int
+    rank: int
+
+
+@dataclass(frozen=True)
 class AdapterBytes:
     """A component's LoRA factors (held beside its weights, in the compute dtype): bytes per block in run
-    order, which travel with their block, and bytes of layers outside the blocks, always resident."""
+    order, which travel with their block, and bytes of layers outside the blocks, always resident; and
+    each update of a layer, for what it adds to a step (``costs.lora_step_seconds``)."""
 
     blocks: tuple[int, ...] = ()
     rest: int = 0
+    layers: tuple[AdaptedLayer, ...] = ()
 
     def added_to(self, block_bytes: Sequence[int]) -> list[int]:
         """``block_bytes`` with each block's LoRA bytes added."""
