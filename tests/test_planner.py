@@ -613,7 +613,8 @@ def test_plan_command_prices_the_loras_given(capsys: pytest.CaptureFixture[str],
     code, out, _ = _run(capsys, *base, "--lora", f"{lora}:0.7")
     priced = json.loads(out)
     assert code == 0 and without["step"]["lora_s"] == 0 < priced["step"]["lora_s"]
-    assert priced["seconds_per_step"] == pytest.approx(without["seconds_per_step"] + priced["step"]["lora_s"])
+    # (a GPU here is measured again for each plan: its figures may move in the last digits)
+    assert priced["seconds_per_step"] == pytest.approx(without["seconds_per_step"] + priced["step"]["lora_s"], rel=1e-3)
     code, out, _ = _run(capsys, *base[:-1], "--lora", str(lora))
     assert code == 0 and f"+ LoRAs {priced['step']['lora_s']:.3f}" in out
     bad = tmp_path / "bad.safetensors"
