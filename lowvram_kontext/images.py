@@ -21,7 +21,9 @@ MAX_INPUT_PIXELS = 64_000_000
 BACKGROUND = (255, 255, 255)
 BACKGROUND_NAME = "white"
 _ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa"}
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+# The 16-bit modes' byte orders (N: the machine's own), read straight from the pixel bytes: some Pillow
+# releases (12.3) convert "I;16N" to "I" clipped at 255.
+_SIXTEEN_BIT_MODES = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}
 
 
 def load_image(path: Path | str, say: Callable[[str], None] | None = None) -> Image.Image:
@@ -68,9 +70,12 @@ def load_image(path: Path | str, say: Callable[[str], None] | None = None) -> Im
 def as_rgb(img: Image.Image) -> tuple[Image.Image, bool]:
     """``img`` as 8-bit RGB, and whether it had transparent pixels (composited onto ``BACKGROUND``)."""
     mode = img.mode
-    if mode in _SIXTEEN_BIT_MODES or mode == "I":
-        values = np.asarray(img.convert("I") if mode != "I" else img, dtype=np.float64)
-        if mode in _SIXTEEN_BIT_MODES or (values.size and 0 <= values.min() and values.max() <= 65535):
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.frombuffer(img.tobytes(), dtype=_SIXTEEN_BIT_MODES[mode]).reshape(img.height, img.width)
+        return _gray(values.astype(np.float64) / 65535), False
+    if mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        if values.size and 0 <= values.min() and values.max() <= 65535:
             return _gray(values / 65535), False
         return _gray(_stretched(values)), False
     if mode == "F":

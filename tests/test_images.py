@@ -30,6 +30,14 @@ def _mid_grey(mode: str) -> Image.Image:
     return Image.new("RGB", (4, 4), (MID, MID, MID)).convert(mode)
 
 
+@pytest.mark.parametrize("mode, order", [("I;16", "<u2"), ("I;16L", "<u2"), ("I;16B", ">u2"), ("I;16N", "=u2")])
+def test_sixteen_bit_pixels_are_read_in_their_byte_order(mode: str, order: str) -> None:
+    """Values whose two bytes differ (a byte-swapped read would show): every 16-bit mode, scaled to 8 bits."""
+    values = np.array([[0, 0x00FF, 0x0100, 0x1234], [0x7F00, 0x8001, 0xFF00, 0xFFFF]], dtype=order)
+    rgb, _ = as_rgb(Image.frombytes(mode, (4, 2), values.tobytes()))
+    assert np.array_equal(np.asarray(rgb)[..., 0], np.round(values.astype(float) / 65535 * 255))
+
+
 @pytest.mark.parametrize("mode", sorted(Image.MODES))
 def test_every_mode_pillow_has_comes_out_as_it_looks(mode: str) -> None:
     rgb, transparent = as_rgb(_mid_grey(mode))
