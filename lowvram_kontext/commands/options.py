@@ -164,13 +164,13 @@ def reference_images(args: argparse.Namespace) -> list[Image.Image]:
     return [images.load_image(path) for path in args.ref]
 
 
-def add_lora_options(parser: argparse.ArgumentParser) -> None:
+def add_lora_options(parser: argparse.ArgumentParser, doing: str = "apply") -> None:
     parser.add_argument(
         "--lora",
         action="append",
         default=[],
         metavar="FILE[:STRENGTH]",
-        help="apply a LoRA (kohya, diffusers/PEFT, ComfyUI, XLabs .safetensors) at this strength (default 1); "
+        help=f"{doing} a LoRA (kohya, diffusers/PEFT, ComfyUI, XLabs .safetensors) at this strength (default 1); "
         "give it again for more (default: none)",
     )
 

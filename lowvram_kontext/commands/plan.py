@@ -40,7 +40,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     add_plan_options(parser)
     add_compute_options(parser)
-    add_lora_options(parser)
+    add_lora_options(parser, "plan with")
     parser.add_argument(
         "--gpu",
         metavar="NAME",
