@@ -667,6 +667,34 @@ def test_session_lora_commands(tiny, tmp_path, monkeypatch, capsys) -> None:  # 
     assert len(written) == 1 and "style.safetensors" in Image.open(written[0]).text["loras"]
 
 
+@pytest.mark.parametrize("route", ["fp8", "int8"])
+def test_a_compiled_w8a8_layer_adds_its_loras_to_the_output_once(route: str) -> None:
+    """An 8-bit matmul has no dequantized weight: the update goes on its output. Compiled, as a product
+    added to the output (no addmm, which would copy the output into a new buffer first)."""
+    g = torch.Generator().manual_seed(5)
+    fmt = {"fp8": "fp8_e4m3", "int8": "int8"}[route]
+    layer = CompressedLinear(quantize(torch.randn(64, 96, generator=g) / 10, fmt), torch.randn(64, generator=g))
+    layer.route = route
+    for key, strength in (("a", 0.8), ("b", -0.5)):
+        down, up = _factors(64, 96, g)
+        layer.adapters[key] = apply.LowRank(down, up, strength)
+    x = torch.randn(3, 8, 96, generator=g)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = layer(x.clone())
+        compiled = torch.compile(layer, backend=capture, fullgraph=True)(x.clone())
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    nodes = [node for gm in graphs for node in gm.graph.nodes]
+    assert not [node for node in nodes if "addmm" in str(node.target)]
+    assert not [node for node in nodes if node.op == "call_method" and str(node.target).endswith("_")]
+
+
 @pytest.mark.parametrize("fmt", ["nf4", "Q8_0", "fp8_e4m3"])
 def test_a_compiled_layer_adds_its_loras_into_the_dequantized_weight(fmt: str) -> None:
     """Compiled, the updates go into the dequantized weight (inside one custom op for the formats that

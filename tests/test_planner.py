@@ -231,7 +231,7 @@ def _lora_on_every_block_layer(rank: int) -> AdapterBytes:
 # A LoRA run and the run it is compared with: the same profile, code, card and budget, without the LoRA.
 LORA_RUNS = (
     ("bench-8gib-nf4-lora32.json", "bench-8gib-nf4-compiled-2.json", "nf4-stream"),
-    ("bench-8gib-fp8-lora32.json", "bench-8gib-fp8.json", "fp8-w8a8-stream"),
+    ("bench-8gib-fp8-lora32.json", "bench-8gib-fp8-nolora.json", "fp8-w8a8-stream"),
 )
 
 

@@ -42,12 +42,16 @@ class LowRank(nn.Module):
         return self.up.to(dtype) * self.strength, self.down.to(dtype)
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out`` (the layer's output for ``x``) with this update added, in place."""
+        """``out`` (the layer's output for ``x``) with this update added: in place, except in a graph."""
         if self.strength == 0:
             return out
         hidden = F.linear(x.reshape(-1, x.shape[-1]), self.down.to(x.dtype))
         flat = out.view(-1, out.shape[-1])
-        flat.addmm_(hidden, self.up.to(x.dtype).t(), alpha=self.strength)
+        if torch.compiler.is_compiling():
+            # In a graph an addmm, in place or not, first copies ``out`` into a new buffer; the product
+            # alone is written once and the compiler fuses the sum into whatever reads the output next.
+            return out + F.linear(hidden, self.up.to(x.dtype) * self.strength).view(out.shape)
+        flat.addmm_(hidden, self.up.to(x.dtype).t(), alpha=self.strength)  # eager: no second output buffer
         return out
 
     def extra_repr(self) -> str:

@@ -65,10 +65,9 @@ class Calibration:
     # The share of the memory bandwidth a LoRA's passes reach (``lora_step_seconds``), compiled, rank 32
     # on every block layer, one H200 at an 8 GiB budget: added into NF4's dequantized weights, +9.4 ms a
     # step (bench/results/bench-8gib-nf4-lora32.json against -nf4-compiled-2.json); as a term on fp8
-    # W8A8's activations, +51.8 ms (bench-8gib-fp8-lora32.json against bench-8gib-fp8.json). Skinny
-    # products (rank 32 on one side) read and write far below the bandwidth.
+    # W8A8's activations, +21.1 ms (bench-8gib-fp8-lora32.json against -fp8-nolora.json, one session).
     lora_weight_pass_share: float = 0.83
-    lora_activation_pass_share: float = 0.375
+    lora_activation_pass_share: float = 0.98
 
     def dequant_rate(self, fmt: str, machine: Machine) -> float:
         """bf16 GB/s of dequantizing ``fmt`` by the machine's route (the format's codec says it for the
@@ -159,6 +158,19 @@ def lora_step_seconds(
             flops = 2 * layer.in_features * layer.out_features * layer.rank
         seconds += COMPUTE_BYTES * values / (bandwidth * share) + flops / matmul
     return seconds
+
+
+def lora_product_bytes(
+    layers: Iterable[AdaptedLayer], image_tokens: int, text_tokens: int, on_activations: Callable[[str], bool]
+) -> int:
+    """The largest low-rank product ``[tokens, out]`` a compiled step holds beside its layer's output
+    (updates on the activations only; 0 without any)."""
+    sizes = [
+        COMPUTE_BYTES * step_tokens(layer.name, image_tokens, text_tokens) * layer.out_features
+        for layer in layers
+        if on_activations(layer.name)
+    ]
+    return max(sizes, default=0)
 
 
 def route_capability(machine: Machine) -> tuple[tuple[int, int] | None, bool]:

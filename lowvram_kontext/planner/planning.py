@@ -64,6 +64,7 @@ from .costs import (
     Calibration,
     card_slowdown,
     clip_activation_bytes,
+    lora_product_bytes,
     lora_step_seconds,
     route_capability,
     t5_activation_bytes,
@@ -280,6 +281,23 @@ def _profile_plan(ctx: _Context) -> Plan:
 
     parts = flux_parts(model.flux)
     double, single, flux_rest = parts.double, parts.single, parts.rest
+    flux_format = (
+        model.transformer_file.format if profile.transformer.format == FILE_FORMAT else profile.transformer.format
+    )
+    capability, tensor_cores = route_capability(machine)
+    route = routes.choose(ctx.compute, flux_format, capability, ctx.compiled, tensor_cores)
+    compute_format = "bf16" if machine.supports_bf16 and route.name != "fp16" else "fp16"
+
+    def lora_on_activations(name: str) -> bool:
+        """Whether the layer's matmul takes its weight as stored (else it dequantizes a copy)."""
+        in_blocks = name.startswith(("double_blocks.", "single_blocks."))
+        return (in_blocks and routes.takes_route(name, route.name)) or (
+            (flux_format if in_blocks else "bf16") == compute_format
+        )
+
+    adapted = model.adapters.get("transformer", AdapterBytes()).layers
+    # Compiled, a LoRA on the activations writes its product beside the layer's output (eager adds in place).
+    products = lora_product_bytes(adapted, image_tokens, text_tokens, lora_on_activations) if ctx.compiled else 0
     flux_blocks = [double] * model.flux.depth + [single] * model.flux.depth_single_blocks
     modulations = [parts.double_modulations] * model.flux.depth
     modulations += [parts.single_modulation] * model.flux.depth_single_blocks
@@ -288,7 +306,7 @@ def _profile_plan(ctx: _Context) -> Plan:
         {
             "non-block weights": flux_rest.nbytes("bf16"),
             "VAE (kept loaded)": vae_part(model.vae).nbytes("bf16"),
-            "activations": ctx.overhead(transformer_activation_bytes(model.flux, image_tokens, text_tokens)),
+            "activations": ctx.overhead(transformer_activation_bytes(model.flux, image_tokens, text_tokens) + products),
         },
         modulations,
     )  # fmt: skip
@@ -320,19 +338,7 @@ def _profile_plan(ctx: _Context) -> Plan:
     compressed += single.compressed_values(flux_fmt) * model.flux.depth_single_blocks
     dequant = COMPUTE_BYTES * compressed / (cal.dequant_rate(flux_fmt, machine) * 1e9) if compressed else 0.0
     slowdown = card_slowdown(machine, cal)
-    capability, tensor_cores = route_capability(machine)
-    route = routes.choose(ctx.compute, transformer.format, capability, ctx.compiled, tensor_cores)
     compute = max(0.0, overhead + per_flop * transformer_flops(model.flux, text_tokens + image_tokens))
-    compute_format = "bf16" if machine.supports_bf16 and route.name != "fp16" else "fp16"
-
-    def lora_on_activations(name: str) -> bool:
-        """Whether the layer's matmul takes its weight as stored (else it dequantizes a copy)."""
-        in_blocks = name.startswith(("double_blocks.", "single_blocks."))
-        return (in_blocks and routes.takes_route(name, route.name)) or (
-            (transformer.format if in_blocks else "bf16") == compute_format
-        )
-
-    adapted = model.adapters.get("transformer", AdapterBytes()).layers
     lora = lora_step_seconds(adapted, image_tokens, text_tokens, lora_on_activations, machine, cal)
     return Plan(
         profile=profile,
