@@ -667,18 +667,16 @@ def test_session_lora_commands(tiny, tmp_path, monkeypatch, capsys) -> None:  # 
     assert len(written) == 1 and "style.safetensors" in Image.open(written[0]).text["loras"]
 
 
-@pytest.mark.parametrize("route", ["fp8", "int8"])
-def test_a_compiled_w8a8_layer_adds_its_loras_to_the_output_once(route: str) -> None:
-    """An 8-bit matmul has no dequantized weight: the update goes on its output. Compiled, as a product
-    added to the output (no addmm, which would copy the output into a new buffer first)."""
-    g = torch.Generator().manual_seed(5)
-    fmt = {"fp8": "fp8_e4m3", "int8": "int8"}[route]
+def _layer_with_two_loras(fmt: str, g: torch.Generator) -> CompressedLinear:
     layer = CompressedLinear(quantize(torch.randn(64, 96, generator=g) / 10, fmt), torch.randn(64, generator=g))
-    layer.route = route
     for key, strength in (("a", 0.8), ("b", -0.5)):
         down, up = _factors(64, 96, g)
         layer.adapters[key] = apply.LowRank(down, up, strength)
-    x = torch.randn(3, 8, 96, generator=g)
+    return layer
+
+
+def _compiled(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.fx.Node]]:
+    """``layer(x)`` compiled whole, and the nodes of the graphs the compiler was given."""
     graphs: list[torch.fx.GraphModule] = []
 
     def capture(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
@@ -687,10 +685,22 @@ def test_a_compiled_w8a8_layer_adds_its_loras_to_the_output_once(route: str) -> 
 
     torch._dynamo.reset()
     with torch.no_grad():
+        out = torch.compile(layer, backend=capture, fullgraph=True)(x)
+    return out, [node for gm in graphs for node in gm.graph.nodes]
+
+
+@pytest.mark.parametrize("route", ["fp8", "int8"])
+def test_a_compiled_w8a8_layer_adds_its_loras_to_the_output_once(route: str) -> None:
+    """An 8-bit matmul has no dequantized weight: the update goes on its output. Compiled, as a product
+    added to the output (no addmm, which would copy the output into a new buffer first)."""
+    g = torch.Generator().manual_seed(5)
+    layer = _layer_with_two_loras({"fp8": "fp8_e4m3", "int8": "int8"}[route], g)
+    layer.route = route
+    x = torch.randn(3, 8, 96, generator=g)
+    with torch.no_grad():
         eager = layer(x.clone())
-        compiled = torch.compile(layer, backend=capture, fullgraph=True)(x.clone())
+    compiled, nodes = _compiled(layer, x.clone())
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
-    nodes = [node for gm in graphs for node in gm.graph.nodes]
     assert not [node for node in nodes if "addmm" in str(node.target)]
     assert not [node for node in nodes if node.op == "call_method" and str(node.target).endswith("_")]
 
@@ -700,25 +710,15 @@ def test_a_compiled_layer_adds_its_loras_into_the_dequantized_weight(fmt: str) -
     """Compiled, the updates go into the dequantized weight (inside one custom op for the formats that
     dequantize through one): the same output as the eager layer, which adds them into its scratch copy."""
     g = torch.Generator().manual_seed(3)
-    layer = CompressedLinear(quantize(torch.randn(64, 96, generator=g) / 10, fmt), torch.randn(64, generator=g))
-    for key, strength in (("a", 0.8), ("b", -0.5)):
-        down, up = _factors(64, 96, g)
-        layer.adapters[key] = apply.LowRank(down, up, strength)
+    layer = _layer_with_two_loras(fmt, g)
     x = torch.randn(3, 5, 96, generator=g)
     plain = CompressedLinear(layer.weight, layer.bias)
-    graphs: list[torch.fx.GraphModule] = []
-
-    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
     with torch.no_grad():
         eager, without = layer(x), plain(x)
-        compiled = torch.compile(layer, backend=capture, fullgraph=True)(x)
+    compiled, nodes = _compiled(layer, x)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     assert rel_err(eager, without) > 0.05  # the LoRAs change the output
-    calls = [node for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    calls = [node for node in nodes if node.op == "call_function"]
     dequantizing = [node for node in calls if str(node.target) == "lowvram_kontext.dequantize.default"]
     # fp8 is traced (its addmm fused by the compiler); the others' op takes both pairs of factors.
     assert [len(node.args[6]) for node in dequantizing] == ([] if fmt == "fp8_e4m3" else [2])
