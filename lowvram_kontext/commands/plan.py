@@ -77,9 +77,8 @@ def run(args: argparse.Namespace) -> int:
         compiles = compiled.resolve(args.compile, torch.device("cuda"))[0]
     sizes = _model_sizes(args)
     if args.lora:  # read and checked against the model's layers, priced in the plan
-        loras = LoraStack(lambda: ModelLayers(sizes.flux, sizes.clip, sizes.t5))
-        for text in args.lora:
-            loras.add(loras.read(LoraSpec.parse(text)))
+        specs = [LoraSpec.parse(text) for text in args.lora]
+        loras = LoraStack.of_layers(specs, lambda: ModelLayers(sizes.flux, sizes.clip, sizes.t5))
         sizes = replace(sizes, adapters=loras.adapter_bytes())
     width = (args.width or args.height or DEFAULT_SIZE) // GRID * GRID
     height = (args.height or args.width or DEFAULT_SIZE) // GRID * GRID

@@ -72,7 +72,12 @@ class LoraStack:
         cls, specs: Iterable[LoraSpec], transformer: Path, clip: Path | None = None, t5: Path | None = None
     ) -> LoraStack:
         """A stack of the LoRAs ``specs`` for the model whose component files are given, each file checked."""
-        stack = cls(lambda: model_layers(transformer, clip, t5))
+        return cls.of_layers(specs, lambda: model_layers(transformer, clip, t5))
+
+    @classmethod
+    def of_layers(cls, specs: Iterable[LoraSpec], layers: Callable[[], ModelLayers]) -> LoraStack:
+        """A stack of the LoRAs ``specs`` for the model of ``layers``, each file read and checked now."""
+        stack = cls(layers)
         for spec in specs:
             stack.add(stack.read(spec))
         return stack

@@ -137,7 +137,8 @@ def lora_step_seconds(
     read and written once more (``in x out`` values). A layer whose matmul uses the stored weight as it
     is (an 8-bit W8A8 matmul, or a weight stored in the compute dtype; ``on_activations``) gets the
     update as a term on its activations: its input is written and read again for the down projection,
-    its output read and written again for the up projection (``tokens x (in + out)`` values, twice).
+    and a product of its output's size written and read again to be added (``tokens x (in + out)``
+    values, twice).
     Either pass runs at a share of the card's memory bandwidth (``Calibration``); the low-rank products'
     FLOPs at the card's matmul rate.
     """

@@ -59,6 +59,7 @@ from ..sampling import PACK
 from ..vae_tiling import choose_tile, decode_peak_bytes, encode_peak_bytes
 from ..weights.formats import codec
 from ..weights.formats.base import CHUNK_ELEMENTS
+from ..weights.formats.plain import PlainCodec
 from .costs import (
     CALIBRATION,
     Calibration,
@@ -71,7 +72,7 @@ from .costs import (
     transformer_activation_bytes,
     transformer_flops,
 )
-from .plans import BudgetTooSmall, Candidate, HostUse, Plan, StagePlan, gib_text
+from .plans import BudgetTooSmall, Candidate, HostUse, Plan, StagePlan, compute_dtype, gib_text
 from .profiles import FILE_FORMAT, Profile, Streaming, resolve_profile
 from .sizes import (
     COMPUTE_BYTES,
@@ -174,6 +175,11 @@ def _host_and_transfer(
     return host, seconds
 
 
+def _stage_format(requested: str, file: FileWeights) -> str:
+    """The storage format a profile's ``requested`` format means for a component held in ``file``."""
+    return file.format if requested == FILE_FORMAT else requested
+
+
 def _streamed_stage(
     ctx: _Context,
     name: str,
@@ -187,7 +193,7 @@ def _streamed_stage(
     """A component whose blocks may stream. ``lent`` are the parts run once per edit (the transformer's
     modulations): on the device with the blocks when every block is resident and nothing is kept
     between edits (no streaming engine then), else in host memory, copied in for their one pass."""
-    fmt = file.format if settings.format == FILE_FORMAT else settings.format
+    fmt = _stage_format(settings.format, file)
     if settings.format == FILE_FORMAT and file.block_bytes:
         block_bytes = list(file.block_bytes)
         lent_bytes = [file.modulation_bytes] if file.modulation_bytes else []
@@ -260,7 +266,7 @@ def _profile_plan(ctx: _Context) -> Plan:
     # target, condition and each reference (encoded at no more than the edit's pixel area)
     image_tokens = (2 + ctx.references) * model.image_tokens(ctx.width, ctx.height)
 
-    clip_fmt = model.clip_file.format if profile.clip.format == FILE_FORMAT else profile.clip.format
+    clip_fmt = _stage_format(profile.clip.format, model.clip_file)
     clip = clip_part(model.clip)
     clip_terms = {
         **ctx.base_terms,
@@ -281,19 +287,19 @@ def _profile_plan(ctx: _Context) -> Plan:
 
     parts = flux_parts(model.flux)
     double, single, flux_rest = parts.double, parts.single, parts.rest
-    flux_format = (
-        model.transformer_file.format if profile.transformer.format == FILE_FORMAT else profile.transformer.format
-    )
+    flux_format = _stage_format(profile.transformer.format, model.transformer_file)
     capability, tensor_cores = route_capability(machine)
     route = routes.choose(ctx.compute, flux_format, capability, ctx.compiled, tensor_cores)
-    compute_format = "bf16" if machine.supports_bf16 and route.name != "fp16" else "fp16"
+    dtype = getattr(torch, compute_dtype(machine, route))
 
     def lora_on_activations(name: str) -> bool:
-        """Whether the layer's matmul takes its weight as stored (else it dequantizes a copy)."""
+        """Whether the layer's matmul takes its weight as stored (else it dequantizes a copy), as
+        ``CompressedLinear`` decides: an 8-bit route, or plain values already in the compute dtype."""
         in_blocks = name.startswith(("double_blocks.", "single_blocks."))
-        return (in_blocks and routes.takes_route(name, route.name)) or (
-            (flux_format if in_blocks else "bf16") == compute_format
-        )
+        if in_blocks and routes.takes_route(name, route.name):
+            return True
+        stored = codec(flux_format if in_blocks else "bf16")  # the layers outside the blocks stay bf16
+        return isinstance(stored, PlainCodec) and stored.dtype == dtype
 
     adapted = model.adapters.get("transformer", AdapterBytes()).layers
     # Compiled, a LoRA on the activations writes its product beside the layer's output (eager adds in place).

@@ -59,6 +59,11 @@ class StagePlan:
         return self.prefetch + 1 if self.streamed_blocks else 0
 
 
+def compute_dtype(machine: Machine, route: Route) -> str:
+    """The compute dtype the card runs: bf16 where it has it, else float16 (Pascal, Turing, ``--compute fp16``)."""
+    return "bfloat16" if machine.supports_bf16 and route.name != "fp16" else "float16"
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One profile as the planner judged it."""
@@ -108,8 +113,7 @@ class Plan:
 
     @property
     def dtype(self) -> str:
-        """The compute dtype the card runs: bf16 where it has it, else float16 (Pascal, Turing, ``--compute fp16``)."""
-        return "bfloat16" if self.machine.supports_bf16 and self.route.name != "fp16" else "float16"
+        return compute_dtype(self.machine, self.route)
 
     @property
     def peak_bytes(self) -> int:
